@@ -1,0 +1,377 @@
+"""Recipes: flat YAML files whose keys map one-to-one onto typed config fields.
+
+A recipe fills three dataclasses:
+- `ModelArguments`: TRL's `ModelConfig` (model id, dtype, 4/8-bit, LoRA) plus the few fields it lacks;
+- `DataArguments`: where the rows come from, their columns, the prompt template, the split;
+- TRL's `SFTConfig`: everything the trainer takes.
+
+One `HfArgumentParser` serves the YAML file and `--key value` overrides from the command line, which win.
+Everything a recipe can get wrong is checked here, before any model or dataset is loaded, and reported as a
+`RecipeError` naming the file (or the command line), the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from qlora_pipeline.errors import RecipeError
+
+TEMPLATES = ("starling", "alpaca", "tokenizer")
+EMBEDDED_PREFIX = "embedded:"
+# Attention backends on which packed examples stay isolated: transformers builds a block-diagonal causal mask
+# from restarting position_ids (sdpa, eager, flex) or passes the boundaries to a varlen kernel (flash attention).
+PACKING_SAFE_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+# Fields that hold credentials: they must come from the environment, never from a recipe or a saved config.
+SECRET_FIELDS = ("hub_token",)
+
+
+def _trl_model_config():
+    from trl import ModelConfig
+
+    return ModelConfig
+
+
+@dataclass
+class DataArguments:
+    """Where the training rows come from and how they become prompt/completion pairs."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub dataset id, a local .jsonl/.json/.csv/.parquet file or folder, or 'embedded:medtuned-sample'."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_file: str | None = field(
+        default=None, metadata={"help": "A separate eval dataset (same forms as dataset_name); else a split is held out."}
+    )
+    eval_split_size: float = field(
+        default=0.1,
+        metadata={"help": "Held-out share of the rows (0 < x < 1) or a row count (>= 1); 0 disables evaluation."},
+    )
+    instruction_column: str = field(default="instruction", metadata={"help": "Column holding the instruction."})
+    input_column: str | None = field(
+        default="input", metadata={"help": "Column holding the optional input/context; null if the data has none."}
+    )
+    output_column: str = field(default="output", metadata={"help": "Column holding the response."})
+    template: Literal["starling", "alpaca", "tokenizer"] = field(
+        default="starling",
+        metadata={"help": "Prompt template: starling (OpenChat), alpaca, or tokenizer (the model's chat_template)."},
+    )
+    overlong: Literal["drop", "truncate"] = field(
+        default="drop",
+        metadata={
+            "help": "Examples longer than max_length: drop them (default: a truncated answer never shows the model "
+            "where to stop) or truncate them. Either way the count is reported."
+        },
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval rows."})
+
+
+def _model_arguments_class():
+    """TRL's ModelConfig with the LoRA and bitsandbytes fields it does not have."""
+    ModelConfig = _trl_model_config()
+
+    @dataclass
+    class ModelArguments(ModelConfig):
+        tokenizer_name_or_path: str | None = field(
+            default=None, metadata={"help": "Tokenizer to use, if not the model's own."}
+        )
+        lora_bias: Literal["none", "all", "lora_only"] = field(
+            default="none", metadata={"help": "Which biases LoRA trains."}
+        )
+        bnb_4bit_compute_dtype: str | None = field(
+            default=None,
+            metadata={
+                "help": "Compute dtype of 4-bit layers; default follows mixed precision (float16/bfloat16), float32 on CPU.",
+                "choices": ["float16", "bfloat16", "float32"],
+            },
+        )
+        prefer_bf16: bool = field(
+            default=True,
+            metadata={"help": "On a GPU that supports bf16, train in bf16 when the recipe asks for fp16."},
+        )
+
+    ModelArguments.__module__ = __name__
+    return ModelArguments
+
+
+@dataclass
+class Recipe:
+    """A parsed, validated recipe: the three config objects and where they came from."""
+
+    model: Any  # ModelArguments
+    data: DataArguments
+    training: Any  # trl.SFTConfig
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, flat, as a recipe file would hold it; credentials are left out."""
+        values: dict[str, Any] = {}
+        values.update(_plain(dataclasses.asdict(self.model)))
+        values.update(_plain(dataclasses.asdict(self.data)))
+        training = self.training.to_dict()
+        known = {f.name for f in dataclasses.fields(self.training) if f.init}
+        values.update({k: _plain(v) for k, v in training.items() if k in known})
+        for key in SECRET_FIELDS:
+            values.pop(key, None)
+        return values
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(f"# Resolved recipe, from {Path(self.source).name}. Reload with: qlora-pipeline train {path}\n")
+            yaml.safe_dump(self.to_dict(), handle, sort_keys=False, allow_unicode=True)
+
+
+def _plain(value):
+    """Turn enums and tuples into what YAML writes plainly."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "value") and not isinstance(value, (int, float, str, bool)):
+        return value.value
+    return value
+
+
+def _parser_classes():
+    from trl import SFTConfig
+
+    return _model_arguments_class(), DataArguments, SFTConfig
+
+
+def _make_parser(classes):
+    from transformers import HfArgumentParser
+
+    class RecipeParser(HfArgumentParser):
+        # argparse prints usage and exits on a bad option; we want one line naming the option instead.
+        def error(self, message):
+            raise RecipeError(f"command line: {message}")
+
+    return RecipeParser(classes)
+
+
+def _field_types(classes) -> dict[str, tuple[Any, dict]]:
+    types = {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.init:
+                types[f.name] = (hints.get(f.name, Any), dict(f.metadata))
+    return types
+
+
+def _check_type(source: str, key: str, value: Any, hint: Any, metadata: dict) -> None:
+    """Validate a YAML value against its field's annotation with pydantic (argparse only checks CLI strings)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    if value is None:
+        return
+    try:
+        adapter = TypeAdapter(hint)
+    except Exception:  # an annotation pydantic cannot express: the dataclass's own checks still run
+        return
+    try:
+        adapter.validate_python(value)
+    except ValidationError:
+        raise RecipeError(f"{source}: key '{key}' must be {_describe(hint)}, got {value!r}") from None
+    choices = metadata.get("choices")
+    if choices and value not in choices:
+        raise RecipeError(f"{source}: key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def _is_list_type(hint: Any) -> bool:
+    candidates = [hint, *typing.get_args(hint)]
+    return any(typing.get_origin(c) in (list, tuple) for c in candidates)
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if args and origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join(_describe(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list of {_describe(args[0])}" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Parse and validate a recipe file plus command-line overrides. Raises RecipeError; loads no model."""
+    source = str(path)
+    values = _read_yaml(source)
+    classes = _parser_classes()
+    types = _field_types(classes)
+
+    for key in values:
+        if key not in types:
+            close = difflib.get_close_matches(key, types, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise RecipeError(f"{source}: unknown key '{key}'{hint}; see 'qlora-pipeline train --help' for the keys")
+    for key in SECRET_FIELDS:
+        if values.get(key):
+            raise RecipeError(f"{source}: key '{key}' holds a credential; set HF_TOKEN in the environment instead")
+    for key, value in values.items():
+        if isinstance(value, str) and _is_list_type(types[key][0]):
+            values[key] = value = [value]  # `lora_target_modules: all-linear` means the one-item list
+        _check_type(source, key, value, *types[key])
+
+    parser = _make_parser(classes)
+    parser.set_defaults(**values)
+    namespace, unknown = parser.parse_known_args(list(overrides or []))
+    if unknown:
+        raise RecipeError(f"command line: unknown option {unknown[0]!r}; see 'qlora-pipeline train --help'")
+    merged = vars(namespace)
+    origin = {key: ("command line" if key in _override_keys(overrides) else source) for key in merged}
+
+    notes = _check_combinations(merged, origin)
+    notes += _adapt_to_hardware(merged)
+
+    objects = []
+    for cls in classes:
+        kwargs = {f.name: merged[f.name] for f in dataclasses.fields(cls) if f.init and f.name in merged}
+        try:
+            objects.append(cls(**kwargs))
+        except (ValueError, TypeError) as exc:
+            raise RecipeError(f"{source}: {exc}") from None
+    model_args, data_args, training_args = objects
+    return Recipe(model=model_args, data=data_args, training=training_args, source=source, notes=notes)
+
+
+def _read_yaml(source: str) -> dict[str, Any]:
+    path = Path(source)
+    if not path.is_file():
+        raise RecipeError(f"{source}: recipe file not found")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{source}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if values is None:
+        raise RecipeError(f"{source}: the recipe is empty")
+    if not isinstance(values, dict):
+        raise RecipeError(f"{source}: a recipe must be a mapping of key: value, got {type(values).__name__}")
+    return values
+
+
+def _override_keys(overrides: list[str] | None) -> set[str]:
+    keys = set()
+    for token in overrides or []:
+        if token.startswith("--"):
+            key = token[2:].split("=", 1)[0].replace("-", "_")
+            keys.add(key[3:] if key.startswith("no_") else key)
+    return keys
+
+
+def _check_combinations(values: dict[str, Any], origin: dict[str, str]) -> list[str]:
+    """Reject settings that cannot work together, naming the keys. Returns notes for fixable ones."""
+
+    def fail(key: str, message: str):
+        raise RecipeError(f"{origin.get(key, 'recipe')}: key '{key}': {message}")
+
+    notes: list[str] = []
+    for key in ("model_name_or_path", "dataset_name"):
+        if not values.get(key):
+            fail(key, "is required")
+    if values["fp16"] and values["bf16"]:
+        fail("bf16", "fp16 and bf16 are both on; choose one")
+    if values["load_in_4bit"] and values["load_in_8bit"]:
+        fail("load_in_8bit", "load_in_4bit and load_in_8bit are both on; choose one")
+    if values["load_in_4bit"] or values["load_in_8bit"]:
+        key = "load_in_4bit" if values["load_in_4bit"] else "load_in_8bit"
+        try:
+            import importlib.util
+
+            missing = importlib.util.find_spec("bitsandbytes") is None
+        except ValueError:
+            missing = True
+        if missing:
+            fail(key, "needs the bitsandbytes package, which is not installed (pip install bitsandbytes)")
+        if not values["use_peft"]:
+            fail(key, "quantized weights cannot be trained directly; set use_peft: true to train LoRA adapters on them")
+    if values["learning_rate"] <= 0:
+        fail("learning_rate", f"must be positive, got {values['learning_rate']}")
+    if values["use_peft"]:
+        if values["lora_r"] <= 0:
+            fail("lora_r", f"must be a positive integer, got {values['lora_r']}")
+        if values["lora_alpha"] <= 0:
+            fail("lora_alpha", f"must be positive, got {values['lora_alpha']}")
+        if not 0 <= values["lora_dropout"] < 1:
+            fail("lora_dropout", f"must be in [0, 1), got {values['lora_dropout']}")
+    if values["max_length"] is not None and values["max_length"] < 16:
+        fail("max_length", f"must be at least 16 tokens, got {values['max_length']}")
+    if values["packing"]:
+        if values["max_length"] is None:
+            fail("packing", "needs max_length: packed rows are filled up to it")
+        if values["packing_strategy"] == "wrapped":
+            fail("packing_strategy", "'wrapped' cuts examples across rows so they attend to each other; use 'bfd'")
+        attention = values["attn_implementation"] or "sdpa"
+        if attention not in PACKING_SAFE_ATTENTION:
+            values["packing"] = False
+            notes.append(
+                f"packing is off: attention '{attention}' cannot keep packed examples apart "
+                f"(safe: {', '.join(PACKING_SAFE_ATTENTION)}); batches are padded instead"
+            )
+    if values["assistant_only_loss"]:
+        fail("assistant_only_loss", "is not used here; completion_only_loss masks the prompt for every template")
+    size = values["eval_split_size"]
+    if not (size == 0 or 0 < size < 1 or (size >= 1 and size == int(size))):
+        fail("eval_split_size", f"must be 0, a share between 0 and 1, or a whole row count; got {size}")
+    if values["template"] not in TEMPLATES:
+        fail("template", f"unknown template {values['template']!r}; choose one of {', '.join(TEMPLATES)}")
+    return notes
+
+
+def _adapt_to_hardware(values: dict[str, Any]) -> list[str]:
+    """Settings that depend on the machine the run lands on; each change is reported as a note."""
+    import torch
+
+    notes = []
+    # The prompt tokens are masked from the pre-tokenized data's completion_mask only if TRL is told to use it.
+    if values["completion_only_loss"] is None:
+        values["completion_only_loss"] = True
+    # Non-reentrant checkpointing works with DDP and frozen inputs; reentrant breaks both.
+    kwargs = dict(values.get("gradient_checkpointing_kwargs") or {})
+    kwargs.setdefault("use_reentrant", False)
+    values["gradient_checkpointing_kwargs"] = kwargs
+    values["include_num_input_tokens_seen"] = "non_padding"
+
+    if not torch.cuda.is_available():
+        if values["fp16"] or values["bf16"]:
+            notes.append("no CUDA GPU: fp16/bf16 mixed precision is off, training runs in float32 on the CPU")
+        values["fp16"] = values["bf16"] = False
+        # Without use_cpu, `accelerate launch --num_processes N` on a CPU box quietly trains N separate rank-0 copies.
+        values["use_cpu"] = True
+        if values["dtype"] in ("float16", "bfloat16"):
+            notes.append(f"no CUDA GPU: weights load in float32 rather than {values['dtype']}")
+            values["dtype"] = "float32"
+        if values["optim"] and "paged" in str(values["optim"]):
+            notes.append(f"no CUDA GPU: '{values['optim']}' runs, but paging to host memory only matters on a GPU")
+    elif values["fp16"] and values["prefer_bf16"] and torch.cuda.is_bf16_supported():
+        notes.append("this GPU supports bf16: training in bf16 instead of fp16 (same memory, no loss scaling)")
+        values["fp16"], values["bf16"] = False, True
+    return notes
+
+
+def resolve_embedded_path(name: str) -> str | None:
+    """'embedded:NAME' → the name after the prefix, else None."""
+    return name[len(EMBEDDED_PREFIX) :] if name and name.startswith(EMBEDDED_PREFIX) else None

@@ -1,0 +1,18 @@
+"""The one exception type users see as a message rather than a traceback."""
+
+
+class PipelineError(Exception):
+    """Bad input found before or during a run: the CLI prints it as one line and exits non-zero.
+
+    The message must name what is wrong and where (file, line, key) and what is allowed.
+    """
+
+    exit_code = 2
+
+
+class RecipeError(PipelineError):
+    """A recipe that cannot run: unknown key, wrong type, missing field, impossible combination."""
+
+
+class DataError(PipelineError):
+    """Data that cannot be trained on: missing file, malformed row, missing column, empty dataset."""

@@ -1,0 +1,166 @@
+"""Model: the tokenizer (pad token fixed), the base model (4-bit, 8-bit or unquantized) and its LoRA adapter."""
+
+from __future__ import annotations
+
+import logging
+
+from qlora_pipeline import tiny
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.templates import PromptTemplate
+
+logger = logging.getLogger(__name__)
+
+# Pad tokens some tokenizers ship under other names; tried before adding a new one.
+KNOWN_PAD_TOKENS = ("<|pad_0|>", "<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
+ADDED_PAD_TOKEN = "<|pad|>"
+
+
+def resolve_model_path(name: str) -> str:
+    """A Hub id or local folder as is; 'embedded:NAME' → the folder of the built tiny model."""
+    return tiny.resolve_model(name) if tiny.is_embedded(name) else name
+
+
+def load_tokenizer(model_args, training_args, template: PromptTemplate):
+    """The tokenizer with a pad token distinct from EOS and from the template's end token.
+
+    Returns (tokenizer, notes). With pad == EOS, masking padding out of the loss also masks every EOS, and the
+    model never learns to stop: Starling ships exactly that, with `<|pad_0|>` unused beside it.
+    """
+    from transformers import AutoTokenizer
+
+    name = resolve_model_path(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+        )
+    except Exception as exc:
+        raise PipelineError(f"{name}: could not load the tokenizer: {_first_line(exc)}") from None
+    notes = []
+    end_token = template.end_token_for(tokenizer)
+    if end_token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [end_token]})
+        notes.append(f"template '{template.name}': added {end_token!r} to the tokenizer (embeddings are resized)")
+    pad = tokenizer.pad_token
+    if pad is None or pad in (tokenizer.eos_token, end_token):
+        vocab = tokenizer.get_vocab()
+        found = next((t for t in KNOWN_PAD_TOKENS if t in vocab and t not in (tokenizer.eos_token, end_token)), None)
+        if found:
+            tokenizer.pad_token = found
+            notes.append(f"pad token: {found!r} (was {pad!r}, which would hide the end of each answer from the loss)")
+        else:
+            tokenizer.add_special_tokens({"pad_token": ADDED_PAD_TOKEN})
+            notes.append(f"pad token: added {ADDED_PAD_TOKEN!r} (was {pad!r}); the embeddings are resized to fit it")
+    tokenizer.padding_side = "right"
+    return tokenizer, notes
+
+
+def quantization_config(model_args, training_args):
+    """BitsAndBytesConfig for 4-bit (NF4/FP4, double quant) or 8-bit loading; None for 16/32-bit."""
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if model_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = model_args.bnb_4bit_compute_dtype or (
+        "bfloat16" if training_args.bf16 else "float16" if training_args.fp16 else "float32"
+    )
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+        bnb_4bit_compute_dtype=getattr(torch, compute),
+        bnb_4bit_quant_storage=getattr(torch, model_args.bnb_4bit_quant_storage or "uint8"),
+    )
+
+
+def device_map(training_args):
+    """One whole copy per process: `{"": local_rank}` under DDP. Never "auto" there: it spreads one copy over
+    every GPU of the node and DDP silently becomes one process."""
+    import torch
+
+    if training_args.use_cpu or not torch.cuda.is_available():
+        return {"": "cpu"}
+    from accelerate import PartialState
+
+    return {"": PartialState().local_process_index}
+
+
+def load_model(model_args, training_args, tokenizer, template: PromptTemplate):
+    """The base model, quantized as the recipe says, ready for k-bit training. Returns (model, notes)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    name = resolve_model_path(model_args.model_name_or_path)
+    if training_args.trust_remote_code:
+        logger.warning("trust_remote_code is on: code from %s will run on this machine", name)
+    quantization = quantization_config(model_args, training_args)
+    dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype or "float32")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name,
+            revision=model_args.model_revision,
+            quantization_config=quantization,
+            dtype=dtype,
+            attn_implementation=model_args.attn_implementation or "sdpa",
+            device_map=device_map(training_args),
+            trust_remote_code=training_args.trust_remote_code,
+            use_safetensors=True,
+        )
+    except Exception as exc:
+        raise PipelineError(f"{name}: could not load the model: {_first_line(exc)}") from None
+
+    notes = []
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+        notes.append(f"embeddings resized to {len(tokenizer)} tokens for the added special tokens")
+    # A KV cache is useless in training and breaks packed-sequence isolation (the mask is built from positions
+    # only when there is no cache).
+    model.config.use_cache = False
+    model.config.pad_token_id = tokenizer.pad_token_id
+    end_id = tokenizer.convert_tokens_to_ids(template.end_token_for(tokenizer))
+    model.generation_config.eos_token_id = end_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=training_args.gradient_checkpointing,
+            gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs,
+        )
+    return model, notes
+
+
+def lora_config(model_args):
+    from peft import LoraConfig
+
+    targets = model_args.lora_target_modules or "all-linear"
+    return LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        bias=model_args.lora_bias,
+        task_type=model_args.lora_task_type,
+        target_modules=targets,
+        modules_to_save=model_args.lora_modules_to_save,
+        use_dora=model_args.use_dora,
+        use_rslora=model_args.use_rslora,
+    )
+
+
+def add_lora(model, model_args):
+    """Wrap the base model in a LoRA adapter; only the adapter (and modules_to_save) will train."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, lora_config(model_args))
+    except ValueError as exc:  # e.g. target_modules naming layers the model does not have
+        raise PipelineError(f"LoRA: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,215 @@
+"""Train: recipe → data → model → SFTTrainer → run folder.
+
+A run folder holds:
+  adapter/            the LoRA adapter (safetensors) and the tokenizer it was trained with
+  checkpoint-N/       the trainer's checkpoints (for --resume)
+  recipe.yaml         the fully resolved recipe (no credentials), reloadable as a recipe
+  metrics.jsonl       every log line of the trainer, one JSON object per line
+  summary.json        the end-of-run summary that is also printed
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from qlora_pipeline import data as data_mod
+from qlora_pipeline import modeling
+from qlora_pipeline.config import Recipe
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.templates import get_template
+
+
+@dataclass
+class PreparedData:
+    tokenizer: object
+    template: object
+    train: data_mod.TokenizedSplit
+    eval: data_mod.TokenizedSplit | None
+    notes: list[str]
+
+
+def prepare_data(recipe: Recipe) -> PreparedData:
+    """Tokenizer and tokenized train/eval splits, without loading the model."""
+    from accelerate import PartialState
+
+    template = get_template(recipe.data.template)
+    tokenizer, notes = modeling.load_tokenizer(recipe.model, recipe.training, template)
+    max_length = recipe.training.max_length
+    # The main process tokenizes and fills the datasets cache; the others then read it.
+    with PartialState().main_process_first():
+        train_rows = data_mod.load_rows(recipe.data.dataset_name, recipe.data)
+        eval_rows = data_mod.load_rows(recipe.data.eval_file, recipe.data) if recipe.data.eval_file else None
+        train_set, eval_set = data_mod.split_train_eval(train_rows, recipe.data, recipe.training.seed, eval_rows)
+        train = data_mod.tokenize(train_set, tokenizer, template, recipe.data, max_length, "train")
+        evaluation = data_mod.tokenize(eval_set, tokenizer, template, recipe.data, max_length, "eval") if eval_set else None
+    for split in filter(None, (train, evaluation)):
+        if len(split.dataset) == 0:
+            raise PipelineError(
+                f"{recipe.data.dataset_name}: every example is longer than max_length {max_length} "
+                f"({split.overlong} of {split.rows_in}); raise max_length or set overlong: truncate"
+            )
+    return PreparedData(tokenizer, template, train, evaluation, notes)
+
+
+class MetricsFile:
+    """Appends every trainer log (loss, learning rate, grad norm, eval loss…) to metrics.jsonl on the main process."""
+
+    def __new__(cls, path: Path):
+        from transformers import TrainerCallback
+
+        class _MetricsFile(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if state.is_world_process_zero and logs:
+                    record = {"step": state.global_step, "epoch": state.epoch, **logs}
+                    with open(path, "a", encoding="utf-8") as handle:
+                        handle.write(json.dumps(record) + "\n")
+
+        return _MetricsFile()
+
+
+def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> str | None:
+    """The checkpoint to resume from, or None. Refuses to train over an existing run unless told how."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if resume:
+        if last is None:
+            raise PipelineError(f"{output_dir}: --resume given but there is no checkpoint-N folder to resume from")
+        return last
+    occupied = output_dir.is_dir() and any(output_dir.iterdir())
+    if occupied and not overwrite:
+        raise PipelineError(
+            f"{output_dir}: the output folder already holds a run; pass --resume to continue it or --overwrite to replace it"
+        )
+    return None
+
+
+def peak_memory_mib() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train the recipe end to end and write the run folder. Returns the summary."""
+    from accelerate import PartialState
+    from trl import SFTTrainer
+
+    started = time.time()
+    state = PartialState()
+    args = recipe.training
+    run_dir = Path(args.output_dir)
+
+    # 1. Output folder: resume, replace, or refuse.
+    checkpoint = check_output_dir(run_dir, resume, overwrite)
+    state.wait_for_everyone()
+    if overwrite and not resume and state.is_main_process and run_dir.exists():
+        shutil.rmtree(run_dir)
+    state.wait_for_everyone()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    # 2. Data: checked and tokenized before the model loads.
+    prepared = prepare_data(recipe)
+    notes = recipe.notes + prepared.notes
+    if state.is_main_process:
+        for note in notes:
+            print(f"note: {note}")
+        recipe.save(run_dir / "recipe.yaml")
+
+    # 3. Model: quantized base + LoRA.
+    model, model_notes = modeling.load_model(recipe.model, args, prepared.tokenizer, prepared.template)
+    if recipe.model.use_peft:
+        model = modeling.add_lora(model, recipe.model)
+    notes += model_notes
+
+    # 4. Trainer.
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=prepared.train.dataset.remove_columns(["n_tokens"]),
+        eval_dataset=prepared.eval.dataset.remove_columns(["n_tokens"]) if prepared.eval else None,
+        processing_class=prepared.tokenizer,
+        callbacks=[MetricsFile(run_dir / "metrics.jsonl")],
+    )
+    if state.is_main_process:
+        effective = args.per_device_train_batch_size * state.num_processes * args.gradient_accumulation_steps
+        print(
+            f"batch: {args.per_device_train_batch_size} per device x {state.num_processes} processes x "
+            f"{args.gradient_accumulation_steps} accumulation = {effective} packed rows per optimizer step"
+            if args.packing
+            else f"batch: {args.per_device_train_batch_size} x {state.num_processes} x "
+            f"{args.gradient_accumulation_steps} = {effective} examples per optimizer step"
+        )
+
+    # 5. Evaluate, train, evaluate.
+    has_eval = prepared.eval is not None
+    eval_before = trainer.evaluate(metric_key_prefix="before") if has_eval and checkpoint is None else {}
+    start_step = 0
+    if checkpoint is not None:
+        start_step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
+    tokens_before = trainer.state.num_input_tokens_seen
+    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_after = trainer.evaluate() if has_eval else {}
+
+    # 6. Save the adapter and tokenizer, then the summary.
+    adapter_dir = run_dir / "adapter"
+    trainer.save_model(str(adapter_dir))
+    tokens_seen = trainer.state.num_input_tokens_seen
+    runtime = train_output.metrics.get("train_runtime") or 0.0
+    summary = {
+        "run_dir": str(run_dir),
+        "adapter": str(adapter_dir),
+        "processes": state.num_processes,
+        "resumed_from_step": start_step,
+        "global_step": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0.0, 3),
+        "tokens_seen": tokens_seen,
+        "non_padding_tokens_per_second": round((tokens_seen - tokens_before) / runtime, 1) if runtime else None,
+        "train_loss": train_output.training_loss,
+        "eval_loss_before": eval_before.get("before_loss"),
+        "eval_loss_after": eval_after.get("eval_loss"),
+        "train_runtime_s": round(runtime, 2),
+        "wall_time_s": round(time.time() - started, 2),
+        "peak_memory_mib": round(peak_memory_mib(), 1),
+        "data": {"train": prepared.train.stats(), "eval": prepared.eval.stats() if prepared.eval else None},
+        "notes": notes,
+    }
+    if state.is_main_process:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print_summary(summary)
+    state.wait_for_everyone()
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    def fmt(value, spec=".4f"):
+        return "n/a" if value is None else format(value, spec)
+
+    train = summary["data"]["train"]
+    lines = [
+        ("run folder", summary["run_dir"]),
+        ("adapter", summary["adapter"]),
+        ("processes", summary["processes"]),
+        ("steps", f"{summary['global_step']} (resumed from {summary['resumed_from_step']})"
+         if summary["resumed_from_step"] else summary["global_step"]),
+        ("examples", f"{train['examples']} train ({train['dropped']} dropped, {train['truncated']} truncated over max_length)"),
+        ("tokens seen", summary["tokens_seen"]),
+        ("non-padding tokens/s", fmt(summary["non_padding_tokens_per_second"], ".1f")),
+        ("train loss", fmt(summary["train_loss"])),
+        ("eval loss", f"{fmt(summary['eval_loss_before'])} before → {fmt(summary['eval_loss_after'])} after"),
+        ("wall time", f"{summary['wall_time_s']:.1f} s"),
+        ("peak memory", f"{summary['peak_memory_mib']:.0f} MiB"),
+    ]
+    width = max(len(k) for k, _ in lines)
+    print("\n== qlora-pipeline train: done ==")
+    for key, value in lines:
+        print(f"{key:<{width}}  {value}")
+    os.sys.stdout.flush()
