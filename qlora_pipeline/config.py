@@ -365,7 +365,7 @@ def _adapt_to_hardware(values: dict[str, Any]) -> list[str]:
             notes.append(f"no CUDA GPU: weights load in float32 rather than {values['dtype']}")
             values["dtype"] = "float32"
         if values["optim"] and "paged" in str(values["optim"]):
-            notes.append(f"no CUDA GPU: '{values['optim']}' runs, but paging to host memory only matters on a GPU")
+            notes.append(f"no CUDA GPU: '{values['optim']}' falls back to plain (non-paged) AdamW on the CPU")
     elif values["fp16"] and values["prefer_bf16"] and torch.cuda.is_bf16_supported():
         notes.append("this GPU supports bf16: training in bf16 instead of fp16 (same memory, no loss scaling)")
         values["fp16"], values["bf16"] = False, True

@@ -73,6 +73,24 @@ class MetricsFile:
         return _MetricsFile()
 
 
+def build_trainer(recipe: Recipe, prepared: PreparedData, callbacks=None):
+    """The base model (quantized as the recipe says), its LoRA adapter and the SFTTrainer. Returns (trainer, notes)."""
+    from trl import SFTTrainer
+
+    model, notes = modeling.load_model(recipe.model, recipe.training, prepared.tokenizer, prepared.template)
+    if recipe.model.use_peft:
+        model = modeling.add_lora(model, recipe.model)
+    trainer = SFTTrainer(
+        model=model,
+        args=recipe.training,
+        train_dataset=prepared.train.dataset.remove_columns(["n_tokens"]),
+        eval_dataset=prepared.eval.dataset.remove_columns(["n_tokens"]) if prepared.eval else None,
+        processing_class=prepared.tokenizer,
+        callbacks=callbacks,
+    )
+    return trainer, notes
+
+
 def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> str | None:
     """The checkpoint to resume from, or None. Refuses to train over an existing run unless told how."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -101,7 +119,6 @@ def peak_memory_mib() -> float:
 def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
     """Train the recipe end to end and write the run folder. Returns the summary."""
     from accelerate import PartialState
-    from trl import SFTTrainer
 
     started = time.time()
     state = PartialState()
@@ -124,22 +141,12 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
             print(f"note: {note}")
         recipe.save(run_dir / "recipe.yaml")
 
-    # 3. Model: quantized base + LoRA.
-    model, model_notes = modeling.load_model(recipe.model, args, prepared.tokenizer, prepared.template)
-    if recipe.model.use_peft:
-        model = modeling.add_lora(model, recipe.model)
+    # 3-4. Model (quantized base + LoRA) and trainer.
+    trainer, model_notes = build_trainer(recipe, prepared, callbacks=[MetricsFile(run_dir / "metrics.jsonl")])
     notes += model_notes
-
-    # 4. Trainer.
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=prepared.train.dataset.remove_columns(["n_tokens"]),
-        eval_dataset=prepared.eval.dataset.remove_columns(["n_tokens"]) if prepared.eval else None,
-        processing_class=prepared.tokenizer,
-        callbacks=[MetricsFile(run_dir / "metrics.jsonl")],
-    )
     if state.is_main_process:
+        for note in model_notes:
+            print(f"note: {note}")
         effective = args.per_device_train_batch_size * state.num_processes * args.gradient_accumulation_steps
         print(
             f"batch: {args.per_device_train_batch_size} per device x {state.num_processes} processes x "
@@ -161,7 +168,10 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
 
     # 6. Save the adapter and tokenizer, then the summary.
     adapter_dir = run_dir / "adapter"
-    trainer.save_model(str(adapter_dir))
+    trainer.save_model(str(adapter_dir))  # gathers the weights under any launcher; safetensors
+    if state.is_main_process:
+        # save_model also pickles the training arguments; the export holds no pickles, and recipe.yaml has them.
+        (adapter_dir / "training_args.bin").unlink(missing_ok=True)
     tokens_seen = trainer.state.num_input_tokens_seen
     runtime = train_output.metrics.get("train_runtime") or 0.0
     summary = {

@@ -1,0 +1,71 @@
+"""Shared test setup: offline Hub, one cache for the embedded tiny model, helpers to run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_RECIPE = REPO / "recipes" / "tiny-starling-medtuned-qlora.yaml"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def embedded_cache(tmp_path_factory) -> Path:
+    """One cache for the embedded tiny models across the session (built once, in seconds), unless CI set one."""
+    if "QLORA_PIPELINE_CACHE" not in os.environ:
+        os.environ["QLORA_PIPELINE_CACHE"] = str(tmp_path_factory.mktemp("embedded-cache"))
+    return Path(os.environ["QLORA_PIPELINE_CACHE"])
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run `python -m qlora_pipeline ARGS` as a user would; returns the finished process."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "qlora_pipeline", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=REPO,
+        timeout=timeout,
+    )
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Non-zero exit, exactly one `error:` line on stderr, no traceback; returns that line."""
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def write_recipe(path: Path, **changes) -> Path:
+    """A copy of the tiny demo recipe with some keys changed (None removes a key)."""
+    recipe = yaml.safe_load(TINY_RECIPE.read_text())
+    for key, value in changes.items():
+        if value is None:
+            recipe.pop(key, None)
+        else:
+            recipe[key] = value
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path) -> Path:
+    """The tiny demo recipe, writing its run folder under tmp_path."""
+    return write_recipe(tmp_path / "recipe.yaml", output_dir=str(tmp_path / "run"))
