@@ -31,6 +31,8 @@ EMBEDDED_PREFIX = "embedded:"
 PACKING_SAFE_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 # Fields that hold credentials: they must come from the environment, never from a recipe or a saved config.
 SECRET_FIELDS = ("hub_token",)
+# Fields the pipeline always sets itself (see _adapt_to_hardware); a saved recipe leaves them out.
+MANAGED_FIELDS = ("include_num_input_tokens_seen",)
 
 
 def _trl_model_config():
@@ -124,7 +126,7 @@ class Recipe:
         training = self.training.to_dict()
         known = {f.name for f in dataclasses.fields(self.training) if f.init}
         values.update({k: _plain(v) for k, v in training.items() if k in known})
-        for key in SECRET_FIELDS:
+        for key in SECRET_FIELDS + MANAGED_FIELDS:
             values.pop(key, None)
         return values
 
@@ -151,13 +153,19 @@ def _parser_classes():
     return _model_arguments_class(), DataArguments, SFTConfig
 
 
-def _make_parser(classes):
+def _make_parser(classes, source: str, override_keys: set[str]):
+    import re
+
     from transformers import HfArgumentParser
 
     class RecipeParser(HfArgumentParser):
-        # argparse prints usage and exits on a bad option; we want one line naming the option instead.
+        # argparse prints usage and exits on a bad option; we want one line naming the option and where it came
+        # from (a YAML value reaches argparse as a default and is converted like a typed one).
         def error(self, message):
-            raise RecipeError(f"command line: {message}")
+            match = re.search(r"argument --([\w-]+)", message)
+            key = match.group(1).replace("-", "_") if match else None
+            where = source if key and key not in override_keys else "command line"
+            raise RecipeError(f"{where}: {message}")
 
     return RecipeParser(classes)
 
@@ -223,22 +231,25 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         if key not in types:
             close = difflib.get_close_matches(key, types, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise RecipeError(f"{source}: unknown key '{key}'{hint}; see 'qlora-pipeline train --help' for the keys")
+            raise RecipeError(f"{source}: unknown key '{key}'{hint}; 'qlora-pipeline keys' lists them all")
     for key in SECRET_FIELDS:
         if values.get(key):
             raise RecipeError(f"{source}: key '{key}' holds a credential; set HF_TOKEN in the environment instead")
+    override_keys = _override_keys(overrides)
     for key, value in values.items():
+        if key in override_keys:
+            continue  # the command line's value replaces it, and argparse checks that one
         if isinstance(value, str) and _is_list_type(types[key][0]):
             values[key] = value = [value]  # `lora_target_modules: all-linear` means the one-item list
         _check_type(source, key, value, *types[key])
 
-    parser = _make_parser(classes)
-    parser.set_defaults(**values)
+    parser = _make_parser(classes, source, override_keys)
+    parser.set_defaults(**{k: v for k, v in values.items() if k not in override_keys})
     namespace, unknown = parser.parse_known_args(list(overrides or []))
     if unknown:
-        raise RecipeError(f"command line: unknown option {unknown[0]!r}; see 'qlora-pipeline train --help'")
+        raise RecipeError(f"command line: unknown option {unknown[0]!r}; 'qlora-pipeline keys' lists the keys")
     merged = vars(namespace)
-    origin = {key: ("command line" if key in _override_keys(overrides) else source) for key in merged}
+    origin = {key: ("command line" if key in override_keys else source) for key in merged}
 
     notes = _check_combinations(merged, origin)
     notes += _adapt_to_hardware(merged)
@@ -349,10 +360,17 @@ def _adapt_to_hardware(values: dict[str, Any]) -> list[str]:
     # The prompt tokens are masked from the pre-tokenized data's completion_mask only if TRL is told to use it.
     if values["completion_only_loss"] is None:
         values["completion_only_loss"] = True
+    # transformers 5 renamed gradient_checkpointing* to activation_checkpointing*; recipes may use either name.
+    renamed = "activation_checkpointing" in values
+    kwargs_key = "activation_checkpointing_kwargs" if renamed else "gradient_checkpointing_kwargs"
+    if renamed and values["activation_checkpointing"] is None:
+        values["activation_checkpointing"] = values["gradient_checkpointing"]
     # Non-reentrant checkpointing works with DDP and frozen inputs; reentrant breaks both.
-    kwargs = dict(values.get("gradient_checkpointing_kwargs") or {})
+    kwargs = dict(values.get(kwargs_key) or values.get("gradient_checkpointing_kwargs") or {})
     kwargs.setdefault("use_reentrant", False)
-    values["gradient_checkpointing_kwargs"] = kwargs
+    values[kwargs_key] = kwargs
+    if renamed:  # the old names then mirror the new ones, without a deprecation warning
+        values["gradient_checkpointing"] = values["gradient_checkpointing_kwargs"] = None
     values["include_num_input_tokens_seen"] = "non_padding"
 
     if not torch.cuda.is_available():

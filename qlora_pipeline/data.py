@@ -79,6 +79,19 @@ def load_rows(name: str, data_args, split: str | None = None) -> RowSource:
     """Load and check a dataset from a Hub id, a local file or folder, or an embedded sample."""
     import datasets
 
+    # Reading a file is quick; its progress bar would only stand between a bad row and its one-line error.
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return _load_and_check(name, data_args, split)
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _load_and_check(name: str, data_args, split: str | None) -> RowSource:
+    import datasets
+
     if tiny.is_embedded(name):
         name = tiny.resolve_sample(name)
     path = Path(name).expanduser()

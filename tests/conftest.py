@@ -42,15 +42,16 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 900) -> subproce
 
 
 def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    """Non-zero exit, exactly one `error:` line on stderr, no traceback; returns that line."""
-    output = result.stdout + result.stderr
+    """Non-zero exit, no traceback, stderr is exactly one non-empty line starting with `error:` and holding every
+    fragment; returns that line."""
+    output = f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"
     assert result.returncode != 0, output
-    assert "Traceback" not in output, output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr, output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), output
     for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]
 
 
 def write_recipe(path: Path, **changes) -> Path:
