@@ -25,7 +25,6 @@ import yaml
 from qlora_pipeline.errors import RecipeError
 
 TEMPLATES = ("starling", "alpaca", "tokenizer")
-EMBEDDED_PREFIX = "embedded:"
 # Attention backends on which packed examples stay isolated: transformers builds a block-diagonal causal mask
 # from restarting position_ids (sdpa, eager, flex) or passes the boundaries to a varlen kernel (flash attention).
 PACKING_SAFE_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
@@ -388,8 +387,3 @@ def _adapt_to_hardware(values: dict[str, Any]) -> list[str]:
         notes.append("this GPU supports bf16: training in bf16 instead of fp16 (same memory, no loss scaling)")
         values["fp16"], values["bf16"] = False, True
     return notes
-
-
-def resolve_embedded_path(name: str) -> str | None:
-    """'embedded:NAME' → the name after the prefix, else None."""
-    return name[len(EMBEDDED_PREFIX) :] if name and name.startswith(EMBEDDED_PREFIX) else None

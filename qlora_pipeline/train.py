@@ -11,12 +11,14 @@ A run folder holds:
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from transformers import TrainerCallback
 
 from qlora_pipeline import data as data_mod
 from qlora_pipeline import modeling
@@ -57,20 +59,17 @@ def prepare_data(recipe: Recipe) -> PreparedData:
     return PreparedData(tokenizer, template, train, evaluation, notes)
 
 
-class MetricsFile:
+class MetricsFile(TrainerCallback):
     """Appends every trainer log (loss, learning rate, grad norm, eval loss…) to metrics.jsonl on the main process."""
 
-    def __new__(cls, path: Path):
-        from transformers import TrainerCallback
+    def __init__(self, path: Path):
+        self.path = path
 
-        class _MetricsFile(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if state.is_world_process_zero and logs:
-                    record = {"step": state.global_step, "epoch": state.epoch, **logs}
-                    with open(path, "a", encoding="utf-8") as handle:
-                        handle.write(json.dumps(record) + "\n")
-
-        return _MetricsFile()
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            record = {"step": state.global_step, "epoch": state.epoch, **logs}
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
 
 
 def build_trainer(recipe: Recipe, prepared: PreparedData, callbacks=None):
@@ -222,4 +221,4 @@ def print_summary(summary: dict) -> None:
     print("\n== qlora-pipeline train: done ==")
     for key, value in lines:
         print(f"{key:<{width}}  {value}")
-    os.sys.stdout.flush()
+    sys.stdout.flush()
