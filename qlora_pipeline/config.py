@@ -24,7 +24,6 @@ import yaml
 
 from qlora_pipeline.errors import RecipeError
 
-TEMPLATES = ("starling", "alpaca", "tokenizer")
 # Attention backends on which packed examples stay isolated: transformers builds a block-diagonal causal mask
 # from restarting position_ids (sdpa, eager, flex) or passes the boundaries to a varlen kernel (flash attention).
 PACKING_SAFE_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
@@ -32,12 +31,6 @@ PACKING_SAFE_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2"
 SECRET_FIELDS = ("hub_token",)
 # Fields the pipeline always sets itself (see _adapt_to_hardware); a saved recipe leaves them out.
 MANAGED_FIELDS = ("include_num_input_tokens_seen",)
-
-
-def _trl_model_config():
-    from trl import ModelConfig
-
-    return ModelConfig
 
 
 @dataclass
@@ -81,7 +74,7 @@ class DataArguments:
 
 def _model_arguments_class():
     """TRL's ModelConfig with the LoRA and bitsandbytes fields it does not have."""
-    ModelConfig = _trl_model_config()
+    from trl import ModelConfig
 
     @dataclass
     class ModelArguments(ModelConfig):
@@ -346,8 +339,6 @@ def _check_combinations(values: dict[str, Any], origin: dict[str, str]) -> list[
     size = values["eval_split_size"]
     if not (size == 0 or 0 < size < 1 or (size >= 1 and size == int(size))):
         fail("eval_split_size", f"must be 0, a share between 0 and 1, or a whole row count; got {size}")
-    if values["template"] not in TEMPLATES:
-        fail("template", f"unknown template {values['template']!r}; choose one of {', '.join(TEMPLATES)}")
     return notes
 
 
