@@ -152,11 +152,13 @@ def _build_tiny_starling(folder: Path) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a seconds-long one-off build needs no progress bar
-    torch.manual_seed(0)
-    model = MistralForCausalLM(config)
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eot)
-    model.save_pretrained(str(folder), safe_serialization=True)
-    hf_logging.enable_progress_bar()
+    try:
+        torch.manual_seed(0)
+        model = MistralForCausalLM(config)
+        model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eot)
+        model.save_pretrained(str(folder), safe_serialization=True)
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 BUILDERS = {
