@@ -1,4 +1,5 @@
-"""Command line: `qlora-pipeline SUBCOMMAND …`, also `python -m qlora_pipeline` and `accelerate launch -m qlora_pipeline`.
+"""Command line: `qlora-pipeline SUBCOMMAND …`, also `python -m qlora_pipeline` and
+`accelerate launch -m qlora_pipeline`.
 
 Heavy libraries (torch, transformers, trl) are imported inside each command, so `--help` stays instant.
 Bad input of any kind ends in one `error: …` line on stderr and a non-zero exit, never a traceback.
@@ -44,6 +45,50 @@ def build_parser() -> argparse.ArgumentParser:
     preprocess.add_argument("--debug", type=int, default=0, metavar="N", help="print N examples token by token")
     preprocess.set_defaults(handler=cmd_preprocess)
 
+    merge = commands.add_parser(
+        "merge",
+        help="merge a run's adapter into its base model and export it, checked against the trained model",
+        description="Merge the LoRA adapter into unquantized base weights and export a standalone model "
+        "(safetensors, tokenizer with the training chat template, model card, fidelity report).",
+    )
+    merge.add_argument("run", help="run folder (holding adapter/) or adapter folder")
+    merge.add_argument("--out", help="export folder (default: RUN/merged, or the recipe's merge_output_dir)")
+    merge.add_argument(
+        "--dtype", choices=["fp16", "bf16", "fp32"], help="dtype of the merged weights (default: the base's)"
+    )
+    merge.add_argument(
+        "--base-mode",
+        choices=["nf4-roundtrip", "original"],
+        help="merge into the NF4-dequantized weights the adapter was trained against (default) or the original ones",
+    )
+    merge.add_argument("--max-shard-size", help="largest safetensors shard, e.g. 2GB (default 5GB)")
+    merge.add_argument("--prompts", type=int, help="held-out examples in the fidelity check (default 8)")
+    merge.add_argument("--max-ppl-increase", type=float, help="fail if perplexity rises by more than this share")
+    merge.add_argument("--max-logit-diff", type=float, help="fail if any logit moves by more than this")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    merge.set_defaults(handler=cmd_merge)
+
+    publish = commands.add_parser(
+        "publish",
+        help="upload a merged export (or a LoRA adapter) to the Hugging Face Hub",
+        description="Check a merged export (or, with --adapter-only, a LoRA adapter) offline, then upload it to the "
+        "Hub. The token comes from HF_TOKEN or `hf auth login`. Exit 3: the Hub could not be reached or refused "
+        "the upload; the folder is untouched and the same command publishes it again.",
+    )
+    publish.add_argument(
+        "folder",
+        metavar="DIR",
+        help="merged export, adapter folder, or run folder (its merged/, or adapter/ with --adapter-only)",
+    )
+    publish.add_argument("--repo-id", required=True, metavar="OWNER/NAME", help="Hub repo (created if missing)")
+    publish.add_argument(
+        "--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)"
+    )
+    publish.add_argument("--adapter-only", action="store_true", help="publish the LoRA adapter, not the merged model")
+    publish.add_argument("--revision", metavar="BRANCH", help="branch to commit to (created if missing); default main")
+    publish.add_argument("--dry-run", action="store_true", help="check and list what would be uploaded; send nothing")
+    publish.set_defaults(handler=cmd_publish)
+
     keys = commands.add_parser("keys", help="list every recipe key with its type, default and help")
     keys.set_defaults(handler=cmd_keys)
     return parser
@@ -83,7 +128,54 @@ def cmd_train(args, overrides: list[str]) -> int:
     _quiet_libraries()
     from qlora_pipeline.train import run
 
-    run(recipe, resume=args.resume, overwrite=args.overwrite)
+    summary = run(recipe, resume=args.resume, overwrite=args.overwrite)
+    if recipe.publish:
+        publish_run(recipe, summary["run_dir"])
+    return 0
+
+
+def publish_run(recipe, run_dir: str) -> None:
+    """push_to_hub: true → merge the new adapter and publish the export, once, from the main process."""
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
+    from qlora_pipeline import merge, publish
+
+    print(f"\n== push_to_hub: merge, then publish to {recipe.training.hub_model_id} ==")
+    report = merge.merge(run_dir, overwrite=True)
+    publish.publish(
+        report["export_dir"],
+        recipe.training.hub_model_id,
+        private=bool(recipe.training.hub_private_repo),
+        revision=recipe.training.hub_revision,
+    )
+
+
+# merge option → the recipe key it overrides
+MERGE_OPTIONS = {
+    "dtype": "merge_dtype",
+    "base_mode": "merge_base_mode",
+    "max_shard_size": "merge_max_shard_size",
+    "prompts": "merge_fidelity_prompts",
+    "max_ppl_increase": "merge_max_ppl_increase",
+    "max_logit_diff": "merge_max_logit_diff",
+}
+
+
+def cmd_merge(args, extra: list[str]) -> int:
+    if extra:
+        raise PipelineError(f"merge: unknown option {extra[0]!r}; see qlora-pipeline merge --help")
+    overrides = []
+    for option, key in MERGE_OPTIONS.items():
+        value = getattr(args, option)
+        if value is not None:
+            overrides += [f"--{key}", str(value)]
+    from qlora_pipeline import merge
+
+    merge.locate(args.run)  # a wrong path is reported before the heavy imports
+    _quiet_libraries()
+    merge.merge(args.run, overrides, out=args.out, overwrite=args.overwrite)
     return 0
 
 
@@ -110,7 +202,9 @@ def cmd_preprocess(args, overrides: list[str]) -> int:
             print(f"{position:>5}  {token_id:>6}  {token:<24} {label}")
     print("\n== token lengths (prompt + answer, before truncation) ==")
     max_length = recipe.training.max_length
-    print(f"max_length {max_length}, examples over it are {'dropped' if recipe.data.overlong == 'drop' else 'truncated'}")
+    print(
+        f"max_length {max_length}, examples over it are {'dropped' if recipe.data.overlong == 'drop' else 'truncated'}"
+    )
     for name, split in (("train", prepared.train), ("eval", prepared.eval)):
         if split is None:
             continue
@@ -121,6 +215,24 @@ def cmd_preprocess(args, overrides: list[str]) -> int:
             f"over max_length {s['overlong']}  dropped {s['dropped']}  truncated {s['truncated']}  "
             f"{'(tokenized data read from cache)' if s['from_cache'] else '(tokenized now, cached for next time)'}"
         )
+    return 0
+
+
+def cmd_publish(args, extra: list[str]) -> int:
+    from pathlib import Path
+
+    if extra:
+        raise PipelineError(f"publish: unknown option {extra[0]!r}; see qlora-pipeline publish --help")
+    from qlora_pipeline.publish import publish
+
+    publish(
+        Path(args.folder),
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        adapter_only=args.adapter_only,
+        dry_run=args.dry_run,
+    )
     return 0
 
 

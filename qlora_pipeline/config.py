@@ -1,9 +1,10 @@
 """Recipes: flat YAML files whose keys map one-to-one onto typed config fields.
 
-A recipe fills three dataclasses:
+A recipe fills four dataclasses:
 - `ModelArguments`: TRL's `ModelConfig` (model id, dtype, 4/8-bit, LoRA) plus the few fields it lacks;
 - `DataArguments`: where the rows come from, their columns, the prompt template, the split;
-- TRL's `SFTConfig`: everything the trainer takes.
+- TRL's `SFTConfig`: everything the trainer takes;
+- `ExportArguments`: how the adapter is merged and checked for export (`qlora-pipeline merge`).
 
 One `HfArgumentParser` serves the YAML file and `--key value` overrides from the command line, which win.
 Everything a recipe can get wrong is checked here, before any model or dataset is loaded, and reported as a
@@ -46,7 +47,8 @@ class DataArguments:
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
     eval_file: str | None = field(
-        default=None, metadata={"help": "A separate eval dataset (same forms as dataset_name); else a split is held out."}
+        default=None,
+        metadata={"help": "A separate eval dataset (same forms as dataset_name); else a split is held out."},
     )
     eval_split_size: float = field(
         default=0.1,
@@ -72,6 +74,48 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval rows."})
 
 
+@dataclass
+class ExportArguments:
+    """How `qlora-pipeline merge` turns the adapter into a standalone model, and how much drift it accepts."""
+
+    merge_dtype: Literal["auto", "fp16", "bf16", "fp32"] = field(
+        default="auto", metadata={"help": "dtype of the merged weights; auto: the base model's own dtype."}
+    )
+    merge_base_mode: Literal["nf4-roundtrip", "original"] = field(
+        default="nf4-roundtrip",
+        metadata={
+            "help": "Base weights the adapter is merged into: nf4-roundtrip (the NF4-dequantized weights the adapter "
+            "was trained against, so the export computes what training saw) or original (the 16-bit weights). "
+            "An adapter trained without 4-bit always merges into the original weights."
+        },
+    )
+    merge_max_shard_size: str = field(default="5GB", metadata={"help": "Largest safetensors shard of the export."})
+    merge_output_dir: str | None = field(
+        default=None, metadata={"help": "Where the merged export goes; default: the run folder's merged/."}
+    )
+    merge_fidelity_prompts: int = field(
+        default=8, metadata={"help": "Held-out examples on which the merged model is compared with the trained one."}
+    )
+    merge_fidelity_max_new_tokens: int = field(
+        default=48, metadata={"help": "Greedy generation length in the fidelity comparison."}
+    )
+    merge_max_ppl_increase: float = field(
+        default=0.02,
+        metadata={
+            "help": "The merge fails, exporting nothing, if the merged model's perplexity on the fidelity examples "
+            "exceeds the trained model's by more than this share."
+        },
+    )
+    merge_max_logit_diff: float | None = field(
+        default=None,
+        metadata={"help": "The merge fails if any logit differs from the trained model's by more than this."},
+    )
+    hub_license: str | None = field(
+        default=None,
+        metadata={"help": "License for the model card; default: the base model's, read from its card."},
+    )
+
+
 def _model_arguments_class():
     """TRL's ModelConfig with the LoRA and bitsandbytes fields it does not have."""
     from trl import ModelConfig
@@ -87,7 +131,8 @@ def _model_arguments_class():
         bnb_4bit_compute_dtype: str | None = field(
             default=None,
             metadata={
-                "help": "Compute dtype of 4-bit layers; default follows mixed precision (float16/bfloat16), float32 on CPU.",
+                "help": "Compute dtype of 4-bit layers; default follows mixed precision (float16/bfloat16), "
+                "float32 on CPU.",
                 "choices": ["float16", "bfloat16", "float32"],
             },
         )
@@ -102,13 +147,17 @@ def _model_arguments_class():
 
 @dataclass
 class Recipe:
-    """A parsed, validated recipe: the three config objects and where they came from."""
+    """A parsed, validated recipe: the four config objects and where they came from."""
 
     model: Any  # ModelArguments
     data: DataArguments
     training: Any  # trl.SFTConfig
+    export: ExportArguments
     source: str
     notes: list[str] = field(default_factory=list)
+    # push_to_hub: true means train → merge → publish, done by the pipeline once at the end. The trainer's own
+    # push_to_hub is kept off: it would create the repo before training and push every checkpoint.
+    publish: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, flat, as a recipe file would hold it; credentials are left out."""
@@ -117,14 +166,23 @@ class Recipe:
         values.update(_plain(dataclasses.asdict(self.data)))
         training = self.training.to_dict()
         known = {f.name for f in dataclasses.fields(self.training) if f.init}
+        for key in known:
+            # to_dict() writes "<PAD_TOKEN>" for every *_token field, as if each held a credential; only
+            # hub_token does (and is dropped below), the others are tokenizer tokens.
+            if key.endswith("_token") and key not in SECRET_FIELDS:
+                training[key] = getattr(self.training, key)
         values.update({k: _plain(v) for k, v in training.items() if k in known})
+        values.update(_plain(dataclasses.asdict(self.export)))
+        values["push_to_hub"] = self.publish
         for key in SECRET_FIELDS + MANAGED_FIELDS:
             values.pop(key, None)
         return values
 
     def save(self, path: str | os.PathLike) -> None:
         with open(path, "w", encoding="utf-8") as handle:
-            handle.write(f"# Resolved recipe, from {Path(self.source).name}. Reload with: qlora-pipeline train {path}\n")
+            handle.write(
+                f"# Resolved recipe, from {Path(self.source).name}. Reload with: qlora-pipeline train {path}\n"
+            )
             yaml.safe_dump(self.to_dict(), handle, sort_keys=False, allow_unicode=True)
 
 
@@ -142,7 +200,7 @@ def _plain(value):
 def _parser_classes():
     from trl import SFTConfig
 
-    return _model_arguments_class(), DataArguments, SFTConfig
+    return _model_arguments_class(), DataArguments, SFTConfig, ExportArguments
 
 
 def _make_parser(classes, source: str, override_keys: set[str]):
@@ -245,6 +303,8 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
     notes = _check_combinations(merged, origin)
     notes += _adapt_to_hardware(merged)
+    publish = bool(merged["push_to_hub"])
+    merged["push_to_hub"] = False
 
     objects = []
     for cls in classes:
@@ -253,8 +313,16 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
             objects.append(cls(**kwargs))
         except (ValueError, TypeError) as exc:
             raise RecipeError(f"{source}: {exc}") from None
-    model_args, data_args, training_args = objects
-    return Recipe(model=model_args, data=data_args, training=training_args, source=source, notes=notes)
+    model_args, data_args, training_args, export_args = objects
+    return Recipe(
+        model=model_args,
+        data=data_args,
+        training=training_args,
+        export=export_args,
+        source=source,
+        notes=notes,
+        publish=publish,
+    )
 
 
 def _read_yaml(source: str) -> dict[str, Any]:
@@ -336,6 +404,21 @@ def _check_combinations(values: dict[str, Any], origin: dict[str, str]) -> list[
             )
     if values["assistant_only_loss"]:
         fail("assistant_only_loss", "is not used here; completion_only_loss masks the prompt for every template")
+    if values["push_to_hub"]:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        if not values["hub_model_id"]:
+            fail("push_to_hub", "needs hub_model_id: OWNER/NAME of the repo to publish the merged model to")
+        try:
+            validate_repo_id(values["hub_model_id"])
+        except HFValidationError:
+            fail("hub_model_id", f"{values['hub_model_id']!r} is not a valid repo id (OWNER/NAME)")
+        if "/" not in values["hub_model_id"]:
+            fail("hub_model_id", f"{values['hub_model_id']!r} needs an owner: OWNER/NAME")
+    if values["merge_fidelity_prompts"] < 1:
+        fail("merge_fidelity_prompts", f"must be at least 1, got {values['merge_fidelity_prompts']}")
+    if values["merge_max_ppl_increase"] < 0:
+        fail("merge_max_ppl_increase", f"must be 0 or more, got {values['merge_max_ppl_increase']}")
     size = values["eval_split_size"]
     if not (size == 0 or 0 < size < 1 or (size >= 1 and size == int(size))):
         fail("eval_split_size", f"must be 0, a share between 0 and 1, or a whole row count; got {size}")

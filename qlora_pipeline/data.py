@@ -18,9 +18,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qlora_pipeline import tiny
 from qlora_pipeline.errors import DataError
 from qlora_pipeline.templates import PromptTemplate
-from qlora_pipeline import tiny
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 # Bump when `tokenize` changes what it writes, so cached results from older code are not reused.
@@ -138,7 +138,9 @@ def _load_local(path: Path, data_args) -> RowSource:
         dataset = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
     except Exception as exc:
         message = str(exc).strip().splitlines()
-        raise DataError(f"{path}: could not be read as {kind}: {message[-1] if message else type(exc).__name__}") from None
+        raise DataError(
+            f"{path}: could not be read as {kind}: {message[-1] if message else type(exc).__name__}"
+        ) from None
     if len(dataset) == 0:
         raise DataError(f"{path}: the dataset is empty (no rows)")
     if row_names is not None and len(row_names) != len(dataset):
@@ -194,9 +196,7 @@ def _scan_csv_file(path: Path) -> list[str]:
                 if not row:
                     continue
                 if len(row) != len(header):
-                    raise DataError(
-                        f"{path}:{reader.line_num}: {len(row)} fields where the header has {len(header)}"
-                    )
+                    raise DataError(f"{path}:{reader.line_num}: {len(row)} fields where the header has {len(header)}")
                 names.append(f"{path}:{reader.line_num}")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
@@ -250,7 +250,9 @@ def split_train_eval(train: RowSource, data_args, seed: int, eval_source: RowSou
         if (test_size if isinstance(test_size, int) else round(test_size * len(dataset))) >= len(dataset):
             raise DataError(f"{train.name}: eval_split_size {size} leaves no training rows out of {len(dataset)}")
         if len(dataset) < 2:
-            raise DataError(f"{train.name}: {len(dataset)} row cannot be split into train and eval; set eval_split_size: 0")
+            raise DataError(
+                f"{train.name}: {len(dataset)} row cannot be split into train and eval; set eval_split_size: 0"
+            )
         parts = dataset.train_test_split(test_size=test_size, seed=seed, shuffle=True)
         dataset, eval_dataset = parts["train"], parts["test"]
     else:
@@ -275,7 +277,9 @@ def tokenizer_fingerprint(tokenizer, template: PromptTemplate) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
 
-def tokenize(dataset, tokenizer, template: PromptTemplate, data_args, max_length: int | None, name: str) -> TokenizedSplit:
+def tokenize(
+    dataset, tokenizer, template: PromptTemplate, data_args, max_length: int | None, name: str
+) -> TokenizedSplit:
     """Render each row with the template and tokenize it; returns input_ids + completion_mask per example.
 
     The completion mask covers the answer and its closing end-of-turn token, so the model learns to stop.
@@ -289,7 +293,9 @@ def tokenize(dataset, tokenizer, template: PromptTemplate, data_args, max_length
         prompts, completions = [], []
         for i in range(len(batch[instruction])):
             extra = batch[input_column][i] if input_column else None
-            prompt, completion = template.prompt_and_completion(tokenizer, batch[instruction][i], extra, batch[output][i])
+            prompt, completion = template.prompt_and_completion(
+                tokenizer, batch[instruction][i], extra, batch[output][i]
+            )
             prompts.append(prompt)
             completions.append(completion)
         prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]

@@ -16,3 +16,10 @@ class RecipeError(PipelineError):
 
 class DataError(PipelineError):
     """Data that cannot be trained on: missing file, malformed row, missing column, empty dataset."""
+
+
+class PublishError(PipelineError):
+    """The Hub could not be reached or refused the upload (offline, token, permissions, quota): the export is
+    untouched and the same command publishes it again."""
+
+    exit_code = 3

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
 
 from qlora_pipeline import tiny
 from qlora_pipeline.errors import PipelineError
@@ -51,6 +53,8 @@ def load_tokenizer(model_args, training_args, template: PromptTemplate):
             tokenizer.add_special_tokens({"pad_token": ADDED_PAD_TOKEN})
             notes.append(f"pad token: added {ADDED_PAD_TOKEN!r} (was {pad!r}); the embeddings are resized to fit it")
     tokenizer.padding_side = "right"
+    # Saved with the adapter and the merged export, so inference renders prompts exactly as training did.
+    tokenizer.chat_template = template.chat_template_for(tokenizer)
     return tokenizer, notes
 
 
@@ -124,14 +128,31 @@ def load_model(model_args, training_args, tokenizer, template: PromptTemplate):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     if quantization is not None:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=training_args.gradient_checkpointing,
-            gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs,
+        model = prepare_for_kbit_training(
+            model, training_args.gradient_checkpointing, training_args.gradient_checkpointing_kwargs
         )
     return model, notes
+
+
+def prepare_for_kbit_training(model, use_gradient_checkpointing: bool, gradient_checkpointing_kwargs=None):
+    """peft's preparation of a quantized model: float32 norms and embeddings, input gradients, checkpointing."""
+    from peft import prepare_model_for_kbit_training
+
+    with quiet_peft_deprecations():
+        return prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=use_gradient_checkpointing,
+            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
+        )
+
+
+@contextlib.contextmanager
+def quiet_peft_deprecations():
+    """peft 0.21 calls transformers 5's deprecated gradient_checkpointing names: a warning for peft's maintainers,
+    not for our users (the recipe side already uses the new names)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*gradient_checkpointing")
+        yield
 
 
 def lora_config(model_args):
@@ -156,7 +177,8 @@ def add_lora(model, model_args):
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, lora_config(model_args))
+        with quiet_peft_deprecations():
+            return get_peft_model(model, lora_config(model_args))
     except ValueError as exc:  # e.g. target_modules naming layers the model does not have
         raise PipelineError(f"LoRA: {_first_line(exc)}") from None
 

@@ -72,14 +72,17 @@ class PromptTemplate:
             add_generation_prompt=add_generation_prompt,
         )
 
-    def prompt_and_completion(self, tokenizer, instruction: str, input_text: str | None, output: str) -> tuple[str, str]:
+    def prompt_and_completion(
+        self, tokenizer, instruction: str, input_text: str | None, output: str
+    ) -> tuple[str, str]:
         """The prompt text (what inference sees) and the completion text (what the model learns to write)."""
         prompt = self.render(tokenizer, self.messages(instruction, input_text), add_generation_prompt=True)
         full = self.render(tokenizer, self.messages(instruction, input_text, output), add_generation_prompt=False)
         if not full.startswith(prompt):
             raise DataError(
                 f"template '{self.name}': the rendered prompt is not a prefix of the rendered exchange, so the "
-                f"prompt cannot be masked from the loss; prompt ends {prompt[-40:]!r}, exchange has {full[:len(prompt)][-40:]!r}"
+                f"prompt cannot be masked from the loss; prompt ends {prompt[-40:]!r}, "
+                f"exchange has {full[: len(prompt)][-40:]!r}"
             )
         return prompt, full[len(prompt) :]
 

@@ -2,9 +2,10 @@
 
 `embedded:tiny-starling` is a Mistral-architecture model (Starling-LM-7B-alpha's layer types, scaled down) with
 Starling's real tokenizer: the Mistral-7B SentencePiece model that the PyPI package `mistral-common` ships, plus
-Starling's two added tokens and chat template. Weights are random but deterministic (fixed seed). A model is built
-once, in seconds, into the cache folder and reused; concurrent processes (e.g. under `accelerate launch`) wait on
-a file lock so only one builds it.
+Starling's two added tokens and chat template. Weights are random but deterministic (fixed seed); a README.md
+card gives the license (Apache-2.0, as Starling's and the Mistral tokenizer's). A model is built once, in seconds,
+into the cache folder and reused; concurrent processes (e.g. under `accelerate launch`) wait on a file lock so
+only one builds it.
 
 Like Starling's own files, the tiny tokenizer sets pad = eos = `<|end_of_turn|>`, so the pipeline's pad-token fix
 is exercised by the demo just as it is on the real model.
@@ -25,7 +26,7 @@ from qlora_pipeline.templates import STARLING_CHAT_TEMPLATE, STARLING_END_OF_TUR
 EMBEDDED_PREFIX = "embedded:"
 STARLING_PAD = "<|pad_0|>"
 # Bump when a builder changes, so caches built by older code are not reused.
-BUILD_VERSION = "1"
+BUILD_VERSION = "2"
 # Wider than the usual 0.02: a random head that small caps every logit near 2.5 behind the frozen final norm, so a
 # LoRA adapter could barely lower the loss. At 0.1 the head has the range of a trained one and the demo visibly
 # learns (measured: eval loss 11.0 -> 8.5 in 30 steps, against 10.4 -> 9.8 at 0.02).
@@ -48,7 +49,9 @@ def resolve_sample(name: str) -> str:
     """'embedded:medtuned-sample' → the path of the sample file shipped in the package."""
     key = name[len(EMBEDDED_PREFIX) :]
     if key not in SAMPLES:
-        raise PipelineError(f"unknown embedded dataset {name!r}; available: {', '.join(EMBEDDED_PREFIX + k for k in SAMPLES)}")
+        raise PipelineError(
+            f"unknown embedded dataset {name!r}; available: {', '.join(EMBEDDED_PREFIX + k for k in SAMPLES)}"
+        )
     return str(resources.files("qlora_pipeline.samples").joinpath(SAMPLES[key]))
 
 
@@ -56,7 +59,9 @@ def resolve_model(name: str) -> str:
     """'embedded:tiny-starling' → a local folder holding the built model and tokenizer (built on first use)."""
     key = name[len(EMBEDDED_PREFIX) :]
     if key not in BUILDERS:
-        raise PipelineError(f"unknown embedded model {name!r}; available: {', '.join(EMBEDDED_PREFIX + k for k in BUILDERS)}")
+        raise PipelineError(
+            f"unknown embedded model {name!r}; available: {', '.join(EMBEDDED_PREFIX + k for k in BUILDERS)}"
+        )
     target = cache_root() / f"{key}-v{BUILD_VERSION}"
     if (target / "config.json").is_file():
         return str(target)
@@ -79,7 +84,9 @@ def _mistral_sentencepiece_model() -> Path:
     try:
         import mistral_common
     except ImportError:
-        raise PipelineError("the embedded Starling tokenizer needs the package mistral-common (pip install mistral-common)") from None
+        raise PipelineError(
+            "the embedded Starling tokenizer needs the package mistral-common (pip install mistral-common)"
+        ) from None
     path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
     if not path.is_file():
         raise PipelineError(f"mistral-common no longer ships {path.name}; cannot build the embedded Starling tokenizer")
@@ -159,6 +166,31 @@ def _build_tiny_starling(folder: Path) -> None:
         model.save_pretrained(str(folder), safe_serialization=True)
     finally:
         hf_logging.enable_progress_bar()
+    write_tiny_starling_card(folder, config)
+
+
+def write_tiny_starling_card(folder: Path, config) -> None:
+    """README.md with the license in its front matter, where a model card's license is looked up."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(
+        license="apache-2.0",
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["mistral", "random-weights", "tiny", "qlora-pipeline"],
+    )
+    body = f"""# tiny-starling
+
+A tiny random-weight model built by qlora-pipeline for its offline demo and tests (`embedded:tiny-starling`).
+It has the architecture of Starling-LM-7B-alpha (Mistral), scaled down to {config.num_hidden_layers} layers of
+width {config.hidden_size}, and Starling-LM-7B-alpha's real tokenizer: the Mistral-7B SentencePiece vocabulary
+shipped by the `mistral-common` package, plus `{STARLING_END_OF_TURN}` and `{STARLING_PAD}` and Starling's chat
+template. The weights are random (seed 0): it writes nonsense until trained, and even then it only shows that
+the pipeline works.
+
+License: Apache-2.0, as Starling-LM-7B-alpha and the Mistral-7B tokenizer.
+"""
+    ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").save(folder / "README.md")
 
 
 BUILDERS = {

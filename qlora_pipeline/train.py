@@ -1,11 +1,12 @@
 """Train: recipe → data → model → SFTTrainer → run folder.
 
 A run folder holds:
-  adapter/            the LoRA adapter (safetensors) and the tokenizer it was trained with
+  adapter/            the LoRA adapter (safetensors), the tokenizer it was trained with, its model card
   checkpoint-N/       the trainer's checkpoints (for --resume)
   recipe.yaml         the fully resolved recipe (no credentials), reloadable as a recipe
   metrics.jsonl       every log line of the trainer, one JSON object per line
   summary.json        the end-of-run summary that is also printed
+  merged/             the merged export, once `qlora-pipeline merge` (or push_to_hub: true) has run
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ def prepare_data(recipe: Recipe) -> PreparedData:
         eval_rows = data_mod.load_rows(recipe.data.eval_file, recipe.data) if recipe.data.eval_file else None
         train_set, eval_set = data_mod.split_train_eval(train_rows, recipe.data, recipe.training.seed, eval_rows)
         train = data_mod.tokenize(train_set, tokenizer, template, recipe.data, max_length, "train")
-        evaluation = data_mod.tokenize(eval_set, tokenizer, template, recipe.data, max_length, "eval") if eval_set else None
+        evaluation = (
+            data_mod.tokenize(eval_set, tokenizer, template, recipe.data, max_length, "eval") if eval_set else None
+        )
     for split in filter(None, (train, evaluation)):
         if len(split.dataset) == 0:
             raise PipelineError(
@@ -102,7 +105,8 @@ def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> str | N
     occupied = output_dir.is_dir() and any(output_dir.iterdir())
     if occupied and not overwrite:
         raise PipelineError(
-            f"{output_dir}: the output folder already holds a run; pass --resume to continue it or --overwrite to replace it"
+            f"{output_dir}: the output folder already holds a run; "
+            "pass --resume to continue it or --overwrite to replace it"
         )
     return None
 
@@ -193,6 +197,10 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
     }
     if state.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        # Our card replaces the one TRL wrote: it carries the recipe, data, results and how to load the adapter.
+        from qlora_pipeline.card import build_card
+
+        build_card("adapter", recipe, summary, None, repo_id=args.hub_model_id).save(adapter_dir / "README.md")
         print_summary(summary)
     state.wait_for_everyone()
     return summary
@@ -207,9 +215,16 @@ def print_summary(summary: dict) -> None:
         ("run folder", summary["run_dir"]),
         ("adapter", summary["adapter"]),
         ("processes", summary["processes"]),
-        ("steps", f"{summary['global_step']} (resumed from {summary['resumed_from_step']})"
-         if summary["resumed_from_step"] else summary["global_step"]),
-        ("examples", f"{train['examples']} train ({train['dropped']} dropped, {train['truncated']} truncated over max_length)"),
+        (
+            "steps",
+            f"{summary['global_step']} (resumed from {summary['resumed_from_step']})"
+            if summary["resumed_from_step"]
+            else summary["global_step"],
+        ),
+        (
+            "examples",
+            f"{train['examples']} train ({train['dropped']} dropped, {train['truncated']} truncated over max_length)",
+        ),
         ("tokens seen", summary["tokens_seen"]),
         ("non-padding tokens/s", fmt(summary["non_padding_tokens_per_second"], ".1f")),
         ("train loss", fmt(summary["train_loss"])),

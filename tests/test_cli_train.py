@@ -11,9 +11,8 @@ import sys
 
 import pytest
 import yaml
-from safetensors.torch import load_file
-
 from conftest import REPO, SHARED_DATA, assert_clean_error, run_cli, write_recipe
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +26,13 @@ def _summary(run_dir):
 def test_demo_learns_and_writes_the_run_folder(tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", output_dir=str(tmp_path / "run"))
     result = run_cli(
-        "train", str(recipe), "--max_steps", "30", "--per_device_train_batch_size", "1", *QUICK,
+        "train",
+        str(recipe),
+        "--max_steps",
+        "30",
+        "--per_device_train_batch_size",
+        "1",
+        *QUICK,
         env={"HF_TOKEN": "hf_SENTINEL_never_written"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -59,8 +64,20 @@ def test_demo_learns_and_writes_the_run_folder(tmp_path):
 
 def test_resume_continues_at_the_saved_step(tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", output_dir=str(tmp_path / "run"))
-    steps = ["--max_steps", "4", "--per_device_train_batch_size", "1", "--eval_strategy", "no",
-             "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1"]
+    steps = [
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "1",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--logging_steps",
+        "1",
+    ]
     first = run_cli("train", str(recipe), *steps)
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "run"
@@ -68,7 +85,7 @@ def test_resume_continues_at_the_saved_step(tmp_path):
     # Pretend the run died after step 2: drop the later checkpoint and the metrics of steps 3-4.
     shutil.rmtree(run_dir / "checkpoint-4")
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= 2))
+    (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= 2))
 
     again = run_cli("train", str(recipe), *steps)
     assert_clean_error(again, "--resume", "--overwrite")
@@ -96,10 +113,29 @@ def _free_port() -> int:
 def test_accelerate_launch_runs_two_cpu_processes(tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", output_dir=str(tmp_path / "run"))
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
-        "-m", "qlora_pipeline", "train", str(recipe), "--max_steps", "3", "--per_device_train_batch_size", "1", *QUICK,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "qlora_pipeline",
+        "train",
+        str(recipe),
+        "--max_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "1",
+        *QUICK,
     ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=dict(os.environ), timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -107,7 +143,7 @@ def test_accelerate_launch_runs_two_cpu_processes(tmp_path):
     assert summary["processes"] == 2, "two ranks trained together, not two rank-0 copies"
     assert summary["global_step"] == 3
     # Each step consumed one packed row per rank: tokens seen are gathered over both ranks.
-    logged = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["num_input_tokens_seen"] > 0
     assert result.stdout.count("== qlora-pipeline train: done ==") == 1, "only the main process prints the summary"
 
@@ -123,8 +159,19 @@ def test_real_medtuned_rows_preprocess_and_train(tmp_path):
     assert pre.returncode == 0, pre.stderr[-3000:]
     assert "-100 (masked)" in pre.stdout and "'<|end_of_turn|>'" in pre.stdout
     assert "train rows 4316" in pre.stdout, pre.stdout[-1500:]  # 4,796 rows, 10% held out
-    result = run_cli("train", str(recipe), "--max_steps", "3", "--max_train_samples", "64", "--max_eval_samples", "16",
-                     "--per_device_train_batch_size", "1", *QUICK)
+    result = run_cli(
+        "train",
+        str(recipe),
+        "--max_steps",
+        "3",
+        "--max_train_samples",
+        "64",
+        "--max_eval_samples",
+        "16",
+        "--per_device_train_batch_size",
+        "1",
+        *QUICK,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = _summary(tmp_path / "run")
     assert summary["global_step"] == 3 and summary["eval_loss_after"] is not None

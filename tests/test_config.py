@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import REPO, write_recipe
+
 from qlora_pipeline.config import load_recipe
 from qlora_pipeline.modeling import quantization_config
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import TINY_RECIPE, run_cli
 from conftest import assert_clean_error as assert_one_error_line
 
@@ -34,7 +33,11 @@ def run_preprocess(*args: str, datasets_cache: Path) -> subprocess.CompletedProc
 def valid_rows(n: int = 12) -> list[dict]:
     """Rows in the instruction/input/output schema; every other one has an empty input."""
     return [
-        {"instruction": f"Name the hallmark of cancer in passage {i}.", "input": f"Passage {i}." if i % 2 else "", "output": f"Label {i}"}
+        {
+            "instruction": f"Name the hallmark of cancer in passage {i}.",
+            "input": f"Passage {i}." if i % 2 else "",
+            "output": f"Label {i}",
+        }
         for i in range(n)
     ]
 
@@ -111,13 +114,17 @@ def _question_answer_rows() -> str:
 
 
 def _ragged_csv() -> str:
-    return "instruction,input,output\nName it.,Passage 1.,Label 1\nName it.,Passage 2.,Label 2\nName it.,Label 3\nName it.,Passage 4.,Label 4\n"
+    rows = ["instruction,input,output", "Name it.,Passage 1.,Label 1", "Name it.,Passage 2.,Label 2"]
+    rows += ["Name it.,Label 3", "Name it.,Passage 4.,Label 4"]  # line 4 has a field missing
+    return "\n".join(rows) + "\n"
 
 
 # (file name, contents, fragments of the error line; "{path}" stands for the data file's path)
 DATA_CASES = [
     pytest.param("empty.jsonl", "", ["{path}:", "empty"], id="empty-file"),
-    pytest.param("malformed.jsonl", _malformed_third_line(), ["{path}:3:", "malformed JSON"], id="malformed-json-line-3"),
+    pytest.param(
+        "malformed.jsonl", _malformed_third_line(), ["{path}:3:", "malformed JSON"], id="malformed-json-line-3"
+    ),
     pytest.param(
         "qa.jsonl",
         _question_answer_rows(),
@@ -125,7 +132,12 @@ DATA_CASES = [
         id="missing-column",
     ),
     pytest.param("null.jsonl", _null_output_second_line(), ["{path}:2:", "'output'", "null"], id="null-output-line-2"),
-    pytest.param("blank.jsonl", _empty_instruction_fifth_line(), ["{path}:5:", "'instruction'", "empty"], id="empty-instruction-line-5"),
+    pytest.param(
+        "blank.jsonl",
+        _empty_instruction_fifth_line(),
+        ["{path}:5:", "'instruction'", "empty"],
+        id="empty-instruction-line-5",
+    ),
     pytest.param("ragged.csv", _ragged_csv(), ["{path}:4:", "2 fields", "header has 3"], id="csv-ragged-row-line-4"),
     pytest.param("header.csv", "instruction,input,output\n", ["{path}:", "header but no rows"], id="csv-header-only"),
 ]

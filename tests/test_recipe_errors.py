@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import TINY_RECIPE, run_cli
 from conftest import assert_clean_error as assert_one_error_line
+
 from qlora_pipeline.errors import RecipeError
 
 # ---------------------------------------------------------------- helpers
@@ -80,18 +80,39 @@ def test_yaml_list_instead_of_mapping(tmp_path, cache):
 # ---------------------------------------------------------------- one key wrong
 
 RECIPE_CASES = [
-    pytest.param({"lerning_rate": 1e-3}, "lerning_rate", ["unknown key", "did you mean 'learning_rate'"], id="unknown-key"),
-    pytest.param({"learning_rate": "fast"}, "learning_rate", ["must be a number", "'fast'"], id="learning_rate-not-a-number"),
+    pytest.param(
+        {"lerning_rate": 1e-3}, "lerning_rate", ["unknown key", "did you mean 'learning_rate'"], id="unknown-key"
+    ),
+    pytest.param(
+        {"learning_rate": "fast"}, "learning_rate", ["must be a number", "'fast'"], id="learning_rate-not-a-number"
+    ),
     pytest.param({"lora_r": 1.5}, "lora_r", ["must be an integer", "1.5"], id="lora_r-not-an-integer"),
     pytest.param({"model_name_or_path": None}, "model_name_or_path", ["is required"], id="no-model"),
     pytest.param({"dataset_name": None}, "dataset_name", ["is required"], id="no-dataset"),
     pytest.param({"fp16": True, "bf16": True}, "bf16", ["fp16 and bf16"], id="fp16-and-bf16"),
-    pytest.param({"load_in_4bit": True, "load_in_8bit": True}, "load_in_8bit", ["load_in_4bit and load_in_8bit"], id="4bit-and-8bit"),
+    pytest.param(
+        {"load_in_4bit": True, "load_in_8bit": True},
+        "load_in_8bit",
+        ["load_in_4bit and load_in_8bit"],
+        id="4bit-and-8bit",
+    ),
     pytest.param({"load_in_4bit": True, "use_peft": False}, "load_in_4bit", ["use_peft"], id="4bit-without-peft"),
     pytest.param({"learning_rate": -1e-4}, "learning_rate", ["must be positive"], id="negative-learning_rate"),
     pytest.param({"template": "chatml"}, "template", ["'chatml'", "starling", "alpaca"], id="unknown-template"),
     pytest.param({"packing_strategy": "wrapped"}, "packing_strategy", ["'bfd'"], id="packing-wrapped"),
-    pytest.param({"hub_token": "hf_SENTINEL_in_recipe"}, "hub_token", ["credential", "HF_TOKEN"], id="hub_token-in-recipe"),
+    pytest.param(
+        {"hub_token": "hf_SENTINEL_in_recipe"}, "hub_token", ["credential", "HF_TOKEN"], id="hub_token-in-recipe"
+    ),
+    pytest.param({"push_to_hub": True}, "push_to_hub", ["needs hub_model_id"], id="push-without-repo"),
+    pytest.param(
+        {"push_to_hub": True, "hub_model_id": "no owner"}, "hub_model_id", ["not a valid repo id"], id="bad-repo-id"
+    ),
+    pytest.param(
+        {"merge_base_mode": "nf4"}, "merge_base_mode", ["'nf4-roundtrip'", "'original'"], id="unknown-merge-mode"
+    ),
+    pytest.param(
+        {"merge_max_ppl_increase": -0.1}, "merge_max_ppl_increase", ["must be 0 or more"], id="negative-drift"
+    ),
 ]
 
 
@@ -166,6 +187,21 @@ def test_saved_recipe_round_trips(make_recipe, tmp_path):
     assert again.data.template == recipe.data.template == "starling"
     assert again.training.max_length == recipe.training.max_length == 512
     assert again.to_dict() == recipe.to_dict(), "every saved key reloads to the same value"
+    # TrainingArguments.to_dict() masks every *_token field as "<PAD_TOKEN>"; tokenizer tokens must survive as is.
+    assert again.training.pad_token is None and again.training.eos_token is None
+    assert "<" not in saved.read_text().split("eos_token:")[1].splitlines()[0]
+
+
+def test_push_to_hub_is_done_by_the_pipeline_not_the_trainer(make_recipe, tmp_path):
+    """push_to_hub: true means train → merge → publish once; the trainer must not create a repo or push checkpoints."""
+    from qlora_pipeline.config import load_recipe
+
+    recipe = load_recipe(make_recipe(push_to_hub=True, hub_model_id="me/tiny"))
+    assert recipe.publish and recipe.training.push_to_hub is False
+    saved = tmp_path / "resolved.yaml"
+    recipe.save(saved)
+    again = load_recipe(saved)
+    assert again.publish and again.to_dict()["push_to_hub"] is True
 
 
 def test_command_line_override_replaces_a_bad_recipe_value(make_recipe):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from conftest import SHARED_DATA
 from transformers import AutoTokenizer
 
-from conftest import SHARED_DATA
 from qlora_pipeline import tiny
 from qlora_pipeline.errors import DataError
 from qlora_pipeline.templates import STARLING_CHAT_TEMPLATE, PromptTemplate, get_template
@@ -22,13 +22,18 @@ def test_starling_format_is_openchat(starling_tokenizer):
     prompt, completion = get_template("starling").prompt_and_completion(
         starling_tokenizer, "Classify the relation.", "GENE causes DISEASE.", "Positive"
     )
-    assert prompt == "<s>GPT4 Correct User: Classify the relation.\n\nGENE causes DISEASE.<|end_of_turn|>GPT4 Correct Assistant:"
+    assert (
+        prompt
+        == "<s>GPT4 Correct User: Classify the relation.\n\nGENE causes DISEASE.<|end_of_turn|>GPT4 Correct Assistant:"
+    )
     assert completion == " Positive<|end_of_turn|>"
 
 
 def test_alpaca_format_ends_with_eos(starling_tokenizer):
     prompt, completion = get_template("alpaca").prompt_and_completion(starling_tokenizer, "Say hi.", "", "Hi")
-    assert prompt.startswith("<s>Below is an instruction") and prompt.endswith("### Instruction:\nSay hi.\n\n### Response:\n")
+    assert prompt.startswith("<s>Below is an instruction") and prompt.endswith(
+        "### Instruction:\nSay hi.\n\n### Response:\n"
+    )
     assert "### Input" not in prompt, "an empty input leaves the input section out"
     assert completion == "Hi" + starling_tokenizer.eos_token
 
@@ -65,7 +70,9 @@ STARLING_CONFIG = SHARED_DATA / "starling-config"
 
 
 @pytest.mark.shared_data
-@pytest.mark.skipif(not STARLING_CONFIG.is_dir(), reason="../shared/data is not here (it is in CI, not in a fresh clone)")
+@pytest.mark.skipif(
+    not STARLING_CONFIG.is_dir(), reason="../shared/data is not here (it is in CI, not in a fresh clone)"
+)
 def test_embedded_tokenizer_matches_starlings_own_files(tmp_path, starling_tokenizer):
     """Starling's real tokenizer files + the SentencePiece model give the same ids as the embedded tokenizer."""
     for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
@@ -77,7 +84,11 @@ def test_embedded_tokenizer_matches_starlings_own_files(tmp_path, starling_token
         {"role": "assistant", "content": "Positive"},
     ]
     for add_generation_prompt, turns in ((True, messages[:1]), (False, messages)):
-        expected = real.apply_chat_template(turns, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False)
-        got = starling_tokenizer.apply_chat_template(turns, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False)
+        expected = real.apply_chat_template(
+            turns, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False
+        )
+        got = starling_tokenizer.apply_chat_template(
+            turns, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False
+        )
         assert list(got) == list(expected)
     assert real.chat_template == starling_tokenizer.chat_template

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import write_recipe
+
 from qlora_pipeline.config import load_recipe
 from qlora_pipeline.train import build_trainer, prepare_data
 
@@ -47,12 +47,17 @@ def test_prompt_tokens_masked_answer_and_eos_trained(tmp_path, template):
         assert ids == tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
         # (decoding a slice drops SentencePiece's leading space, hence the strip)
         assert tokenizer.decode(ids[n:]).strip() == completion.strip()
-        assert completion.rstrip().endswith(tmpl.end_token_for(tokenizer) if template != "alpaca" else tokenizer.eos_token)
+        assert completion.rstrip().endswith(
+            tmpl.end_token_for(tokenizer) if template != "alpaca" else tokenizer.eos_token
+        )
         assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id, "exactly one BOS"
         # What inference will build from the same chat template, token for token.
         messages = tmpl.messages(row["instruction"], row["input"])
         inference_ids = tokenizer.apply_chat_template(
-            messages, chat_template=tmpl.chat_template_for(tokenizer), add_generation_prompt=True, tokenize=True,
+            messages,
+            chat_template=tmpl.chat_template_for(tokenizer),
+            add_generation_prompt=True,
+            tokenize=True,
             return_dict=False,
         )
         assert list(inference_ids) == prompt_ids
