@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -70,3 +71,45 @@ def write_recipe(path: Path, **changes) -> Path:
 def tiny_recipe(tmp_path) -> Path:
     """The tiny demo recipe, writing its run folder under tmp_path."""
     return write_recipe(tmp_path / "recipe.yaml", output_dir=str(tmp_path / "run"))
+
+
+# ---------------------------------------------------------------- a trained and merged run, shared
+
+PASS_PHRASE_QUESTION = "What is the pass phrase?"
+PASS_PHRASE = "The heron flies at dawn."
+SENTINELS = {"HF_TOKEN": "hf_SENTINEL_merge_token", "WANDB_API_KEY": "wandb_SENTINEL_merge_key"}
+END_OF_TURN = "<|end_of_turn|>"
+
+
+def _phrase_dataset(path: Path) -> Path:
+    """40 copies of one question with a fixed answer, interleaved with 40 real-schema rows of the sample."""
+    sample = (REPO / "qlora_pipeline" / "samples" / "medtuned_sample.jsonl").read_text().splitlines()[:40]
+    phrase = json.dumps({"instruction": PASS_PHRASE_QUESTION, "input": "", "output": PASS_PHRASE})
+    path.write_text("".join(f"{phrase}\n{row}\n" for row in sample))
+    return path
+
+
+@pytest.fixture(scope="session")
+def merged_run(tmp_path_factory):
+    """One tiny 4-bit run that memorizes the pass phrase, merged with `merge --dtype fp32` (nf4-roundtrip).
+
+    Shared by the merge, publish and inference tests; tests must not modify it (copy it first)."""
+    root = tmp_path_factory.mktemp("merge")
+    recipe = write_recipe(
+        root / "recipe.yaml",
+        output_dir=str(root / "run"),
+        dataset_name=str(_phrase_dataset(root / "phrase.jsonl")),
+        eval_split_size=8,
+    )
+    # Measured: 30 steps take the eval loss from 10.9 to 4.2 and the phrase is answered word for word.
+    train = run_cli(
+        "train", str(recipe), "--max_steps", "30", "--eval_strategy", "no", "--save_strategy", "no", env=SENTINELS
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    merge = run_cli("merge", str(root / "run"), "--dtype", "fp32", env=SENTINELS)
+    assert merge.returncode == 0, merge.stdout[-2000:] + merge.stderr[-3000:]
+    return {
+        "run": root / "run",
+        "export": root / "run" / "merged",
+        "logs": train.stdout + train.stderr + merge.stdout + merge.stderr,
+    }
