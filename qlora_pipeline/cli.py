@@ -89,6 +89,45 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--dry-run", action="store_true", help="check and list what would be uploaded; send nothing")
     publish.set_defaults(handler=cmd_publish)
 
+    report = commands.add_parser(
+        "report",
+        help="write a run's report.md and plots (loss, learning rate, throughput, token lengths)",
+        description="Write report.md and PNG plots into a run folder from its summary.json and metrics.jsonl "
+        "(train does this at the end of every run; this rewrites them).",
+    )
+    report.add_argument("run", metavar="RUN_DIR", help="run folder (holding summary.json and metrics.jsonl)")
+    report.set_defaults(handler=cmd_report)
+
+    generate = commands.add_parser(
+        "generate",
+        help="generate answers with a trained model, prompts formatted exactly as in training",
+        description="Generate with a run (its adapter on the base quantized as trained), an adapter folder, or a "
+        "merged export / model folder. Prompts go through the saved chat template, as in training; greedy unless "
+        "sampling is asked for. Only the new text is printed.",
+    )
+    _add_model_arguments(generate)
+    generate.add_argument("--prompt", action="append", metavar="TEXT", help="an instruction (repeatable)")
+    generate.add_argument(
+        "--input-file",
+        metavar="FILE.jsonl",
+        help="rows with 'instruction' and optional 'input' (a run's recipe columns) or 'messages'; each row is "
+        "written back with a 'generation' field",
+    )
+    generate.add_argument("--output-file", metavar="FILE.jsonl", help="where the rows go (default: stdout)")
+    generate.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
+    _add_generation_arguments(generate)
+    generate.set_defaults(handler=cmd_generate)
+
+    chat = commands.add_parser(
+        "chat",
+        help="chat with a trained model in the terminal, multi-turn, answers streamed",
+        description="Chat with a run, an adapter folder or a model folder: one line per turn; the whole "
+        "conversation is re-rendered with the training chat template each turn. /reset clears it, /exit quits.",
+    )
+    _add_model_arguments(chat)
+    _add_generation_arguments(chat)
+    chat.set_defaults(handler=cmd_chat)
+
     keys = commands.add_parser("keys", help="list every recipe key with its type, default and help")
     keys.set_defaults(handler=cmd_keys)
     return parser
@@ -234,6 +273,86 @@ def cmd_publish(args, extra: list[str]) -> int:
         dry_run=args.dry_run,
     )
     return 0
+
+
+def cmd_report(args, extra: list[str]) -> int:
+    from pathlib import Path
+
+    if extra:
+        raise PipelineError(f"report: unknown option {extra[0]!r}; see qlora-pipeline report --help")
+    from qlora_pipeline.report import PLOTS, write_report
+
+    report = write_report(Path(args.run))
+    print(f"report: {report}")
+    for name in PLOTS:
+        if (report.parent / name).is_file():
+            print(f"plot:   {report.parent / name}")
+    return 0
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        metavar="MODEL_OR_RUN",
+        help="run folder (adapter as trained), adapter folder, or merged export / model folder",
+    )
+    parser.add_argument("--merged", action="store_true", help="use the run's merged export (RUN/merged)")
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    parser.add_argument("--temperature", type=float, help="sampling temperature (implies --do-sample)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling share (implies --do-sample)")
+    parser.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (implies --do-sample)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--do-sample", dest="do_sample", action="store_true", default=None, help="sample (default: greedy)"
+    )
+    mode.add_argument("--greedy", dest="do_sample", action="store_false", help="always the likeliest token (default)")
+    parser.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    parser.add_argument("--show-prompt", action="store_true", help="print each prompt's text and token ids to stderr")
+
+
+def _generation_options(args):
+    from qlora_pipeline.infer import GenerationOptions
+
+    return GenerationOptions(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+
+
+def cmd_generate(args, extra: list[str]) -> int:
+    if extra:
+        raise PipelineError(f"generate: unknown option {extra[0]!r}; see qlora-pipeline generate --help")
+    from qlora_pipeline import infer
+
+    _quiet_libraries()
+    return infer.run_generate(
+        args.model,
+        prompts=args.prompt,
+        input_file=args.input_file,
+        output_file=args.output_file,
+        options=_generation_options(args),
+        batch_size=args.batch_size,
+        merged=args.merged,
+        show_prompt=args.show_prompt,
+    )
+
+
+def cmd_chat(args, extra: list[str]) -> int:
+    if extra:
+        raise PipelineError(f"chat: unknown option {extra[0]!r}; see qlora-pipeline chat --help")
+    from qlora_pipeline import infer
+
+    _quiet_libraries()
+    return infer.run_chat(
+        args.model, options=_generation_options(args), merged=args.merged, show_prompt=args.show_prompt
+    )
 
 
 def cmd_keys(args, extra: list[str]) -> int:

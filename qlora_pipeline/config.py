@@ -4,7 +4,8 @@ A recipe fills four dataclasses:
 - `ModelArguments`: TRL's `ModelConfig` (model id, dtype, 4/8-bit, LoRA) plus the few fields it lacks;
 - `DataArguments`: where the rows come from, their columns, the prompt template, the split;
 - TRL's `SFTConfig`: everything the trainer takes;
-- `ExportArguments`: how the adapter is merged and checked for export (`qlora-pipeline merge`).
+- `ExportArguments`: how the adapter is merged and checked for export (`qlora-pipeline merge`);
+- `TrackingArguments`: the Weights & Biases run (project, entity, group, tags, notes, artifacts).
 
 One `HfArgumentParser` serves the YAML file and `--key value` overrides from the command line, which win.
 Everything a recipe can get wrong is checked here, before any model or dataset is loaded, and reported as a
@@ -116,6 +117,23 @@ class ExportArguments:
     )
 
 
+@dataclass
+class TrackingArguments:
+    """Where `report_to: wandb` logs. Without an API key the run is logged offline, without asking anything."""
+
+    wandb_project: str | None = field(
+        default=None, metadata={"help": "W&B project; default: $WANDB_PROJECT, else 'qlora-pipeline'."}
+    )
+    wandb_entity: str | None = field(default=None, metadata={"help": "W&B entity (user or team); default: yours."})
+    wandb_group: str | None = field(default=None, metadata={"help": "W&B group, to gather related runs."})
+    wandb_tags: list[str] | None = field(default=None, metadata={"help": "W&B tags."})
+    wandb_notes: str | None = field(default=None, metadata={"help": "W&B notes: a sentence on what the run tries."})
+    wandb_log_artifacts: bool = field(
+        default=False,
+        metadata={"help": "Log the adapter (and, on merge, the fidelity report) as W&B artifacts."},
+    )
+
+
 def _model_arguments_class():
     """TRL's ModelConfig with the LoRA and bitsandbytes fields it does not have."""
     from trl import ModelConfig
@@ -147,12 +165,13 @@ def _model_arguments_class():
 
 @dataclass
 class Recipe:
-    """A parsed, validated recipe: the four config objects and where they came from."""
+    """A parsed, validated recipe: the five config objects and where they came from."""
 
     model: Any  # ModelArguments
     data: DataArguments
     training: Any  # trl.SFTConfig
     export: ExportArguments
+    tracking: TrackingArguments
     source: str
     notes: list[str] = field(default_factory=list)
     # push_to_hub: true means train → merge → publish, done by the pipeline once at the end. The trainer's own
@@ -173,6 +192,7 @@ class Recipe:
                 training[key] = getattr(self.training, key)
         values.update({k: _plain(v) for k, v in training.items() if k in known})
         values.update(_plain(dataclasses.asdict(self.export)))
+        values.update(_plain(dataclasses.asdict(self.tracking)))
         values["push_to_hub"] = self.publish
         for key in SECRET_FIELDS + MANAGED_FIELDS:
             values.pop(key, None)
@@ -200,7 +220,7 @@ def _plain(value):
 def _parser_classes():
     from trl import SFTConfig
 
-    return _model_arguments_class(), DataArguments, SFTConfig, ExportArguments
+    return _model_arguments_class(), DataArguments, SFTConfig, ExportArguments, TrackingArguments
 
 
 def _make_parser(classes, source: str, override_keys: set[str]):
@@ -286,6 +306,9 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         if values.get(key):
             raise RecipeError(f"{source}: key '{key}' holds a credential; set HF_TOKEN in the environment instead")
     override_keys = _override_keys(overrides)
+    for key in SECRET_FIELDS:
+        if key in override_keys:  # a token on the command line ends up in shell history, ps and trackers' metadata
+            raise RecipeError(f"command line: --{key} holds a credential; set HF_TOKEN in the environment instead")
     for key, value in values.items():
         if key in override_keys:
             continue  # the command line's value replaces it, and argparse checks that one
@@ -313,12 +336,13 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
             objects.append(cls(**kwargs))
         except (ValueError, TypeError) as exc:
             raise RecipeError(f"{source}: {exc}") from None
-    model_args, data_args, training_args, export_args = objects
+    model_args, data_args, training_args, export_args, tracking_args = objects
     return Recipe(
         model=model_args,
         data=data_args,
         training=training_args,
         export=export_args,
+        tracking=tracking_args,
         source=source,
         notes=notes,
         publish=publish,
@@ -415,6 +439,15 @@ def _check_combinations(values: dict[str, Any], origin: dict[str, str]) -> list[
             fail("hub_model_id", f"{values['hub_model_id']!r} is not a valid repo id (OWNER/NAME)")
         if "/" not in values["hub_model_id"]:
             fail("hub_model_id", f"{values['hub_model_id']!r} needs an owner: OWNER/NAME")
+    reporters = values["report_to"] or []
+    reporters = [reporters] if isinstance(reporters, str) else list(reporters)
+    for name in reporters:
+        if name in ("none", "all"):
+            continue
+        from transformers.integrations import get_available_reporting_integrations
+
+        if name not in get_available_reporting_integrations():
+            fail("report_to", f"'{name}' is not installed here (pip install {name})")
     if values["merge_fidelity_prompts"] < 1:
         fail("merge_fidelity_prompts", f"must be at least 1, got {values['merge_fidelity_prompts']}")
     if values["merge_max_ppl_increase"] < 0:

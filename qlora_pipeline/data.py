@@ -68,7 +68,20 @@ class TokenizedSplit:
             "p95": int(np.percentile(lengths, 95)),
             "max": int(lengths.max()),
             "from_cache": self.from_cache,
+            "length_histogram": length_histogram(self.lengths),
         }
+
+
+def length_histogram(lengths: list[int], bins: int = 30) -> dict:
+    """About `bins` bins of whole-token width over [0, longest]; the counts sum to len(lengths) (every row
+    tokenized, dropped ones included, as the other length statistics)."""
+    import numpy as np
+
+    longest = max(lengths, default=0)
+    width = max(1, -(-longest // bins))  # ceil
+    edges = np.arange(0, width * max(1, -(-longest // width)) + 1, width)
+    counts, _ = np.histogram(np.asarray(lengths, dtype=np.int64), bins=edges)
+    return {"edges": [int(e) for e in edges], "counts": [int(c) for c in counts]}
 
 
 def columns_of(data_args) -> tuple[str, str | None, str]:

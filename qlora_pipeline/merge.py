@@ -122,7 +122,7 @@ def merge(
     print(
         f"[1/4] reference: {'4-bit base' if quantized else 'base'} + adapter, {len(examples)} {examples_from} examples"
     )
-    reference_model = _trained_model(recipe, source.adapter_dir, prepared, device)
+    reference_model = load_trained_model(recipe, source.adapter_dir, tokenizer, device)
     reference = _measure(
         reference_model, examples, end_id, tokenizer, options.merge_fidelity_max_new_tokens, "reference"
     )
@@ -188,6 +188,11 @@ def merge(
             shutil.rmtree(staging, ignore_errors=True)
     print(f"\nexported: {export_dir}")
     report["export_dir"] = str(export_dir)
+    from qlora_pipeline import tracking
+
+    where = tracking.log_fidelity(recipe, source.run_dir, report)
+    if where:
+        print(f"W&B: fidelity figures logged to the training's run ({tracking.describe(where)})")
     return report
 
 
@@ -206,7 +211,7 @@ def _fidelity_examples(prepared, count: int):
     return examples, origin
 
 
-def _base_model(recipe: Recipe, prepared, quantization, dtype, device: str):
+def _base_model(recipe: Recipe, tokenizer, quantization, dtype, device: str):
     from transformers import AutoModelForCausalLM
 
     name = modeling.resolve_model_path(recipe.model.model_name_or_path)
@@ -223,8 +228,8 @@ def _base_model(recipe: Recipe, prepared, quantization, dtype, device: str):
         )
     except Exception as exc:
         raise PipelineError(f"{name}: could not load the base model: {modeling._first_line(exc)}") from None
-    if len(prepared.tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(prepared.tokenizer))  # as training did; the adapter saved the new rows
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))  # as training did; the adapter saved the new rows
     return model
 
 
@@ -235,12 +240,14 @@ def _training_dtype(recipe: Recipe):
     return name if name == "auto" else getattr(torch, name or "float32")
 
 
-def _trained_model(recipe: Recipe, adapter_dir: Path, prepared, device: str):
-    """The model exactly as training ran it: the base quantized with the same settings, plus the adapter."""
+def load_trained_model(recipe: Recipe, adapter_dir: Path, tokenizer, device: str):
+    """The model exactly as training ran it: the base quantized with the same settings, plus the adapter.
+
+    `tokenizer` is the one training used (its length sizes the embeddings); also used by `infer`."""
     from peft import PeftModel
 
     quantization = modeling.quantization_config(recipe.model, recipe.training)
-    base = _base_model(recipe, prepared, quantization, _training_dtype(recipe), device)
+    base = _base_model(recipe, tokenizer, quantization, _training_dtype(recipe), device)
     if quantization is not None:
         # Training ran with this: it keeps norms and embeddings in float32 beside the 4-bit layers.
         base = modeling.prepare_for_kbit_training(base, use_gradient_checkpointing=False)
@@ -255,10 +262,10 @@ def _merged_model(recipe: Recipe, adapter_dir: Path, prepared, base_mode: str, d
     if base_mode == "nf4-roundtrip":
         # Quantize with the training settings and dtype, then dequantize: bit for bit the weights training saw.
         quantization = modeling.quantization_config(recipe.model, recipe.training)
-        base = _base_model(recipe, prepared, quantization, _training_dtype(recipe), device)
+        base = _base_model(recipe, prepared.tokenizer, quantization, _training_dtype(recipe), device)
         base = base.dequantize(dtype=dtype)
     else:
-        base = _base_model(recipe, prepared, None, dtype, device)
+        base = _base_model(recipe, prepared.tokenizer, None, dtype, device)
     base = base.to(dtype)
     with modeling.quiet_peft_deprecations():
         model = PeftModel.from_pretrained(base, str(adapter_dir))

@@ -22,7 +22,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from qlora_pipeline import data as data_mod
-from qlora_pipeline import modeling
+from qlora_pipeline import modeling, tracking
 from qlora_pipeline.config import Recipe
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.templates import get_template
@@ -111,6 +111,30 @@ def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> str | N
     return None
 
 
+def final_eval(trainer) -> dict:
+    """The eval at the last step: the trainer's own if its eval schedule just ran one, else a new one."""
+    state = trainer.state
+    for record in reversed(state.log_history):
+        if "eval_loss" in record and record.get("step") == state.global_step:
+            return record
+    return trainer.evaluate()
+
+
+def non_padding_fraction(trainer, max_batches: int = 32) -> float | None:
+    """Share of real tokens in the training batches, from the first batches in dataset order (no RNG used).
+
+    Packed rows are padding-free (1.0); padded batches show what padding to the longest example costs."""
+    dataset, collate = trainer.train_dataset, trainer.data_collator
+    size = trainer.args.per_device_train_batch_size
+    real = total = 0
+    for start in range(0, min(len(dataset), size * max_batches), size):
+        batch = collate([dataset[i] for i in range(start, min(start + size, len(dataset)))])
+        total += batch["input_ids"].numel()
+        mask = batch.get("attention_mask")
+        real += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    return round(real / total, 4) if total else None
+
+
 def peak_memory_mib() -> float:
     import torch
 
@@ -159,7 +183,17 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
             f"{args.gradient_accumulation_steps} = {effective} examples per optimizer step"
         )
 
-    # 5. Evaluate, train, evaluate.
+    # 5. Tracking: the W&B run (offline without a key), started before the first evaluation logs into it.
+    data_summary = {"train": prepared.train.stats(), "eval": prepared.eval.stats() if prepared.eval else None}
+    tracker, tracking_notes = tracking.start(recipe, run_dir, data_summary, resume=checkpoint is not None)
+    notes += tracking_notes
+    for note in tracking_notes:
+        print(f"note: {note}")
+    if tracker is not None:
+        trainer.add_callback(tracking.ThroughputLogger(tracker))
+    non_padding = non_padding_fraction(trainer)
+
+    # 6. Evaluate, train, evaluate.
     has_eval = prepared.eval is not None
     eval_before = trainer.evaluate(metric_key_prefix="before") if has_eval and checkpoint is None else {}
     start_step = 0
@@ -167,9 +201,9 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
         start_step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
     tokens_before = trainer.state.num_input_tokens_seen
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
-    eval_after = trainer.evaluate() if has_eval else {}
+    eval_after = final_eval(trainer) if has_eval else {}
 
-    # 6. Save the adapter and tokenizer, then the summary.
+    # 7. Save the adapter and tokenizer, then the summary.
     adapter_dir = run_dir / "adapter"
     trainer.save_model(str(adapter_dir))  # gathers the weights under any launcher; safetensors
     if state.is_main_process:
@@ -186,15 +220,17 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
         "epochs": round(trainer.state.epoch or 0.0, 3),
         "tokens_seen": tokens_seen,
         "non_padding_tokens_per_second": round((tokens_seen - tokens_before) / runtime, 1) if runtime else None,
+        "non_padding_fraction": non_padding,
         "train_loss": train_output.training_loss,
         "eval_loss_before": eval_before.get("before_loss"),
         "eval_loss_after": eval_after.get("eval_loss"),
         "train_runtime_s": round(runtime, 2),
         "wall_time_s": round(time.time() - started, 2),
         "peak_memory_mib": round(peak_memory_mib(), 1),
-        "data": {"train": prepared.train.stats(), "eval": prepared.eval.stats() if prepared.eval else None},
+        "data": data_summary,
         "notes": notes,
     }
+    summary["tracking"] = tracking.finish(tracker, summary, adapter_dir, recipe.tracking.wandb_log_artifacts)
     if state.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         # Our card replaces the one TRL wrote: it carries the recipe, data, results and how to load the adapter.
@@ -202,6 +238,12 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
 
         build_card("adapter", recipe, summary, None, repo_id=args.hub_model_id).save(adapter_dir / "README.md")
         print_summary(summary)
+        from qlora_pipeline.report import write_report
+
+        try:
+            print(f"report: {write_report(run_dir)}")
+        except Exception as exc:  # the run is saved; a failed plot must not fail it
+            print(f"warning: no report ({exc}); retry with: qlora-pipeline report {run_dir}", file=sys.stderr)
     state.wait_for_everyone()
     return summary
 
@@ -232,6 +274,10 @@ def print_summary(summary: dict) -> None:
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
         ("peak memory", f"{summary['peak_memory_mib']:.0f} MiB"),
     ]
+    if summary.get("non_padding_fraction") is not None:
+        lines.insert(7, ("non-padding share", f"{summary['non_padding_fraction']:.1%} of batch positions"))
+    if summary.get("tracking"):
+        lines.append(("W&B", tracking.describe(summary["tracking"])))
     width = max(len(k) for k, _ in lines)
     print("\n== qlora-pipeline train: done ==")
     for key, value in lines:

@@ -29,9 +29,13 @@ def embedded_cache(tmp_path_factory) -> Path:
     return Path(os.environ["QLORA_PIPELINE_CACHE"])
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run `python -m qlora_pipeline ARGS` as a user would; returns the finished process."""
-    full_env = {**os.environ, **(env or {})}
+def run_cli(
+    *args: str, env: dict | None = None, timeout: int = 900, replace_env: bool = False
+) -> subprocess.CompletedProcess:
+    """Run `python -m qlora_pipeline ARGS` as a user would; returns the finished process.
+
+    `env` adds to this process's environment, or with replace_env=True is the whole environment."""
+    full_env = dict(env or {}) if replace_env else {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "qlora_pipeline", *args],
         capture_output=True,
