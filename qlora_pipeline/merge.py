@@ -27,6 +27,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from qlora_pipeline import modeling
 from qlora_pipeline.config import Recipe, load_recipe
 from qlora_pipeline.errors import PipelineError
@@ -90,6 +92,7 @@ def merge(
     # 1. What to merge, where to, and whether it can work, before anything loads.
     source = locate(path)
     recipe = load_recipe(source.recipe_path, overrides)
+    check_adapter_base(source.adapter_dir, recipe)
     options = recipe.export
     quantized = bool(recipe.model.load_in_4bit or recipe.model.load_in_8bit)
     base_mode = options.merge_base_mode
@@ -130,11 +133,11 @@ def merge(
     _free_memory()
 
     # 4. Merge and save into a temporary folder beside the target.
-    export_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = export_dir.parent / f".{export_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
     finished = False
     try:
+        export_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
         print(f"[2/4] merge: adapter into the {base_mode} base weights in {dtype_name}")
         merged = _merged_model(recipe, source.adapter_dir, prepared, base_mode, dtype, device)
         merged.config.use_cache = True  # training turned the KV cache off; inference wants it
@@ -183,6 +186,10 @@ def merge(
         else:
             staging.rename(export_dir)
         finished = True
+    except (OSError, SafetensorError) as exc:  # a full disk, a quota, a read-only folder: one line, nothing left
+        raise PipelineError(
+            f"merge: could not write the export {export_dir}: {describe_os_error(exc)}; nothing was exported"
+        ) from None
     finally:
         if not finished:
             shutil.rmtree(staging, ignore_errors=True)
@@ -194,6 +201,14 @@ def merge(
     if where:
         print(f"W&B: fidelity figures logged to the training's run ({tracking.describe(where)})")
     return report
+
+
+def describe_os_error(exc: Exception) -> str:
+    """'File too large (path)' from an OSError; safetensors' own I/O error (not an OSError) as it words it."""
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}"
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _fidelity_examples(prepared, count: int):
@@ -244,21 +259,59 @@ def load_trained_model(recipe: Recipe, adapter_dir: Path, tokenizer, device: str
     """The model exactly as training ran it: the base quantized with the same settings, plus the adapter.
 
     `tokenizer` is the one training used (its length sizes the embeddings); also used by `infer`."""
-    from peft import PeftModel
-
+    check_adapter_base(adapter_dir, recipe)
     quantization = modeling.quantization_config(recipe.model, recipe.training)
     base = _base_model(recipe, tokenizer, quantization, _training_dtype(recipe), device)
     if quantization is not None:
         # Training ran with this: it keeps norms and embeddings in float32 beside the 4-bit layers.
         base = modeling.prepare_for_kbit_training(base, use_gradient_checkpointing=False)
-    with modeling.quiet_peft_deprecations():
-        return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    return _attach_adapter(base, adapter_dir, recipe).eval()
+
+
+def check_adapter_base(adapter_dir: Path, recipe: Recipe) -> None:
+    """Refuse, before any weights load, an adapter whose adapter_config.json names another base than the recipe."""
+    try:
+        config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+        trained_on = config.get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return  # PEFT names what is wrong with the file when it reads it
+    if not trained_on:
+        return
+    name = recipe.model.model_name_or_path
+    resolved, expected = modeling.resolve_model_path(str(trained_on)), modeling.resolve_model_path(name)
+    a, b = Path(resolved).expanduser(), Path(expected).expanduser()
+    same = (
+        resolved == expected
+        or (a.exists() and b.exists() and a.resolve() == b.resolve())
+        # a local model folder that moved (a rebuilt cache, another disk) keeps its name
+        or (a.is_absolute() and b.is_absolute() and a.name == b.name)
+    )
+    if not same:
+        raise PipelineError(
+            f"{adapter_dir}: the adapter was trained on '{trained_on}' (adapter_config.json base_model_name_or_path)"
+            f", not on '{name}' that {recipe.source} loads; set model_name_or_path to the base it was trained on"
+        )
+
+
+def _attach_adapter(base, adapter_dir: Path, recipe: Recipe):
+    """PeftModel.from_pretrained, with a size mismatch (an adapter trained on another base) as one line."""
+    from peft import PeftModel
+
+    try:
+        with modeling.quiet_peft_deprecations():
+            return PeftModel.from_pretrained(base, str(adapter_dir))
+    except RuntimeError as exc:
+        mismatch = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        if not mismatch:
+            raise
+        raise PipelineError(
+            f"{adapter_dir}: the adapter does not fit the base model '{recipe.model.model_name_or_path}', so it was "
+            f"trained on another one ({mismatch[0].rstrip('.')})"
+        ) from None
 
 
 def _merged_model(recipe: Recipe, adapter_dir: Path, prepared, base_mode: str, dtype, device: str):
     """The adapter merged into unquantized base weights, in `dtype`."""
-    from peft import PeftModel
-
     if base_mode == "nf4-roundtrip":
         # Quantize with the training settings and dtype, then dequantize: bit for bit the weights training saw.
         quantization = modeling.quantization_config(recipe.model, recipe.training)
@@ -267,8 +320,7 @@ def _merged_model(recipe: Recipe, adapter_dir: Path, prepared, base_mode: str, d
     else:
         base = _base_model(recipe, prepared.tokenizer, None, dtype, device)
     base = base.to(dtype)
-    with modeling.quiet_peft_deprecations():
-        model = PeftModel.from_pretrained(base, str(adapter_dir))
+    model = _attach_adapter(base, adapter_dir, recipe)
     merged = model.merge_and_unload(safe_merge=True, progressbar=True)  # safe_merge: refuses NaN/inf weights
     return merged.to(dtype).eval()
 

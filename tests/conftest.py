@@ -46,6 +46,21 @@ def run_cli(
     )
 
 
+@pytest.fixture
+def cli_in_process(capsys):
+    """`cli.main(ARGS)` in this process, as a finished-process object: for error cases that stop before any model
+    loads, this skips the ~7 s torch import each subprocess pays. End-to-end tests keep using run_cli."""
+    from qlora_pipeline.cli import main
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
+
+    return run
+
+
 def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
     """Non-zero exit, no traceback, stderr is exactly one non-empty line starting with `error:` and holding every
     fragment; returns that line."""

@@ -117,9 +117,9 @@ RECIPE_CASES = [
 
 
 @pytest.mark.parametrize("changes, key, fragments", RECIPE_CASES)
-def test_recipe_key_error(make_recipe, cache, changes, key, fragments):
+def test_recipe_key_error(make_recipe, cache, cli_in_process, changes, key, fragments):
     path = make_recipe(**changes)
-    result = run_cli("train", str(path))
+    result = cli_in_process("train", str(path))
     assert_one_error_line(result, f"error: {path}:", f"'{key}'", *fragments)
     # A credential is refused without being echoed back.
     assert "hf_SENTINEL" not in result.stdout + result.stderr
@@ -135,9 +135,9 @@ def test_recipe_key_error(make_recipe, cache, changes, key, fragments):
         pytest.param(["--learning_rate", "abc"], ["learning_rate", "'abc'"], id="learning_rate-not-a-number"),
     ],
 )
-def test_bad_override(make_recipe, cache, override, fragments):
+def test_bad_override(make_recipe, cache, cli_in_process, override, fragments):
     path = make_recipe()
-    result = run_cli("train", str(path), *override)
+    result = cli_in_process("train", str(path), *override)
     assert_one_error_line(result, "error: command line:", *fragments)
 
 
