@@ -167,7 +167,7 @@ def cmd_train(args, overrides: list[str]) -> int:
     _quiet_libraries()
     from qlora_pipeline.train import run
 
-    summary = run(recipe, resume=args.resume, overwrite=args.overwrite)
+    summary = run(recipe, resume=args.resume, overwrite=args.overwrite, overrides=overrides)
     if recipe.publish:
         publish_run(recipe, summary["run_dir"])
     return 0
@@ -228,6 +228,9 @@ def cmd_preprocess(args, overrides: list[str]) -> int:
     prepared = prepare_data(recipe)
     for note in recipe.notes + prepared.notes:
         print(f"note: {note}")
+    for record in prepared.skipped or []:  # train writes them to RUN/skipped_rows.jsonl
+        where = f"{record['file']}:{record['line']}" if record["line"] else f"{record['file']}: row {record['row']}"
+        print(f"skipped: {where}: {record['reason']}")
     tokenizer = prepared.tokenizer
     masked_loss = recipe.training.completion_only_loss is not False
     for index in range(min(args.debug, len(prepared.train.dataset))):
@@ -241,9 +244,8 @@ def cmd_preprocess(args, overrides: list[str]) -> int:
             print(f"{position:>5}  {token_id:>6}  {token:<24} {label}")
     print("\n== token lengths (prompt + answer, before truncation) ==")
     max_length = recipe.training.max_length
-    print(
-        f"max_length {max_length}, examples over it are {'dropped' if recipe.data.overlong == 'drop' else 'truncated'}"
-    )
+    policy = {"drop": "dropped", "truncate": "truncated", "error": "an error"}[recipe.data.overlong]
+    print(f"max_length {max_length}, examples over it are {policy}")
     for name, split in (("train", prepared.train), ("eval", prepared.eval)):
         if split is None:
             continue
@@ -253,6 +255,12 @@ def cmd_preprocess(args, overrides: list[str]) -> int:
             f"min {s['min']}  mean {s['mean']}  median {s['median']}  p95 {s['p95']}  max {s['max']}  "
             f"over max_length {s['overlong']}  dropped {s['dropped']}  truncated {s['truncated']}  "
             f"{'(tokenized data read from cache)' if s['from_cache'] else '(tokenized now, cached for next time)'}"
+        )
+    if prepared.accounting:  # every row read is accounted for
+        rows = {"train": prepared.train.rows_in, "eval": prepared.eval.rows_in if prepared.eval else 0}
+        print(
+            f"rows  read {prepared.accounting['rows_read']} = train {rows['train']} + eval {rows['eval']} + skipped "
+            f"{prepared.accounting['skipped']} + unused {prepared.accounting['unused']} (past max_train/eval_samples)"
         )
     return 0
 

@@ -64,11 +64,23 @@ class DataArguments:
         default="starling",
         metadata={"help": "Prompt template: starling (OpenChat), alpaca, or tokenizer (the model's chat_template)."},
     )
-    overlong: Literal["drop", "truncate"] = field(
+    id_column: str | None = field(
+        default="id",
+        metadata={"help": "Column of row ids, where the data has one: a duplicate id is a bad row. null: no check."},
+    )
+    overlong: Literal["drop", "truncate", "error"] = field(
         default="drop",
         metadata={
             "help": "Examples longer than max_length: drop them (default: a truncated answer never shows the model "
-            "where to stop) or truncate them. Either way the count is reported."
+            "where to stop), truncate them (either way the count is reported), or stop with an error naming the row."
+        },
+    )
+    on_bad_rows: Literal["error", "skip"] = field(
+        default="error",
+        metadata={
+            "help": "A row that cannot be trained on (malformed line, wrong field count, missing/null/empty/non-text "
+            "field, duplicate id): stop with an error naming it (default), or skip it, counted and listed in the run "
+            "folder's skipped_rows.jsonl. A file that cannot be read at all is an error either way."
         },
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
@@ -387,6 +399,10 @@ def _check_combinations(values: dict[str, Any], origin: dict[str, str]) -> list[
     for key in ("model_name_or_path", "dataset_name"):
         if not values.get(key):
             fail(key, "is required")
+    for key in ("model_name_or_path", "tokenizer_name_or_path"):
+        name = values.get(key)
+        if name and _looks_like_a_path(name) and not Path(name).expanduser().exists():
+            fail(key, f"'{name}' looks like a local folder, and there is none; give the model's folder or a Hub id")
     if values["fp16"] and values["bf16"]:
         fail("bf16", "fp16 and bf16 are both on; choose one")
     if values["load_in_4bit"] and values["load_in_8bit"]:
@@ -456,6 +472,11 @@ def _check_combinations(values: dict[str, Any], origin: dict[str, str]) -> list[
     if not (size == 0 or 0 < size < 1 or (size >= 1 and size == int(size))):
         fail("eval_split_size", f"must be 0, a share between 0 and 1, or a whole row count; got {size}")
     return notes
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A local path rather than a Hub id (OWNER/NAME or NAME): it starts with /, ., ~ or has more than one slash."""
+    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
 
 
 def _adapt_to_hardware(values: dict[str, Any]) -> list[str]:

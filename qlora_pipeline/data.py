@@ -1,9 +1,16 @@
 """Data: load the rows, check them, split them, and turn them into token ids with a completion mask.
 
 Rows come from a Hub id, a local .jsonl/.json/.csv/.parquet file (or a folder of them) or an embedded sample, all
-through `datasets`. Every row is checked before any model loads: a malformed JSON line, a missing column, a null
-or empty instruction/output stops the run with the file and line named. Nothing is dropped silently: examples
-over `max_length` are dropped or truncated by the recipe's choice and counted.
+through `datasets`. Every row is checked before any model loads. What makes a whole file unreadable (not UTF-8,
+empty, a header and no rows, a missing column, a .json file that does not parse) stops the run with the file named.
+What is wrong with one row (a malformed JSON line, a CSV row with the wrong number of fields, a missing, null,
+empty or non-text instruction/output, a duplicate id) stops it too, the file and line named, unless the recipe says
+`on_bad_rows: skip`: such rows are then left out, counted and listed (`skipped_rows.jsonl` in the run folder).
+
+Nothing is dropped silently: rows read = rows trained on + rows held out for eval + rows skipped + examples over
+`max_length` that were dropped (+ rows past max_train_samples/max_eval_samples). Blank lines are not rows; they are
+ignored and reported in a note, as are columns the template does not use. In a CSV file every value is text:
+`42` is the string "42" and an empty field is the empty string.
 
 Tokenization is ours rather than SFTTrainer's so that `preprocess --debug` shows exactly what training sees, and
 so the overlong policy can be applied and counted before packing. The result carries `input_ids` and
@@ -12,9 +19,13 @@ so the overlong policy can be applied and counted before packing. The result car
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import hashlib
+import io
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,19 +36,50 @@ from qlora_pipeline.templates import PromptTemplate
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 # Bump when `tokenize` changes what it writes, so cached results from older code are not reused.
 TOKENIZE_VERSION = "1"
+# Column that carries each row's location through the split when overlong: error must name the row.
+ROW_COLUMN = "__row__"
+SKIPPED_FILE = "skipped_rows.jsonl"
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where a row is: a line of a JSONL/CSV file, or its row number where lines are unknown (JSON array, parquet,
+    Hub)."""
+
+    file: str
+    line: int | None = None
+    row: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}" if self.line is not None else f"{self.file}: row {self.row}"
+
+    def record(self, reason: str) -> dict:
+        """One line of skipped_rows.jsonl."""
+        where = {"line": self.line} if self.line is not None else {"line": None, "row": self.row}
+        return {"file": self.file, **where, "reason": reason}
+
+    def relative_to(self, other: Where) -> str:
+        """This row named briefly in a message about another: 'line 3' (or 'row 3') in the same file, else in full."""
+        if self.file != other.file:
+            return str(self)
+        return f"line {self.line}" if self.line is not None else f"row {self.row}"
 
 
 @dataclass
 class RowSource:
-    """A loaded dataset plus how to name its rows in messages (file line numbers where we know them)."""
+    """A loaded dataset, where each of its rows came from, and what was left out of it and why."""
 
     dataset: object  # datasets.Dataset
     name: str
-    row_names: list[str] | None = None
+    rows: list[Where] | None = None  # one per dataset row
+    rows_read: int = 0  # rows in the file(s), blank lines aside, before any was skipped
+    skipped: list[dict] = field(default_factory=list)  # Where.record(reason) of each row left out
+    notes: list[str] = field(default_factory=list)
 
     def row(self, index: int) -> str:
-        if self.row_names is not None:
-            return self.row_names[index]
+        if self.rows is not None:
+            return str(self.rows[index])
         return f"{self.name}: row {index + 1}"
 
 
@@ -88,18 +130,26 @@ def columns_of(data_args) -> tuple[str, str | None, str]:
     return data_args.instruction_column, data_args.input_column, data_args.output_column
 
 
-def load_rows(name: str, data_args, split: str | None = None) -> RowSource:
-    """Load and check a dataset from a Hub id, a local file or folder, or an embedded sample."""
+@contextlib.contextmanager
+def _quiet_progress(quiet: bool = True):
+    """`datasets` progress bars off: reading a file is quick, and its bar would only stand between a bad row and
+    its one-line error."""
     import datasets
 
-    # Reading a file is quick; its progress bar would only stand between a bad row and its one-line error.
     was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
+    if quiet:
+        datasets.disable_progress_bars()
     try:
-        return _load_and_check(name, data_args, split)
+        yield
     finally:
-        if was_enabled:
+        if quiet and was_enabled:
             datasets.enable_progress_bars()
+
+
+def load_rows(name: str, data_args, split: str | None = None) -> RowSource:
+    """Load and check a dataset from a Hub id, a local file or folder, or an embedded sample."""
+    with _quiet_progress():
+        return _load_and_check(name, data_args, split)
 
 
 def _load_and_check(name: str, data_args, split: str | None) -> RowSource:
@@ -110,22 +160,33 @@ def _load_and_check(name: str, data_args, split: str | None) -> RowSource:
     path = Path(name).expanduser()
     looks_local = path.exists() or name.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_FORMATS
     if looks_local:
-        source = _load_local(path, data_args)
-    else:
-        try:
-            dataset = datasets.load_dataset(name, data_args.dataset_config, split=split or data_args.dataset_split)
-        except Exception as exc:  # datasets raises many types: offline, not found, bad config, bad split
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DataError(f"{name}: could not load the dataset from the Hub: {first_line}") from None
-        source = RowSource(dataset, name)
-    _check_columns(source, data_args)
-    _check_values(source, data_args)
-    return source
+        return _load_local(path, data_args)
+    try:
+        dataset = datasets.load_dataset(name, data_args.dataset_config, split=split or data_args.dataset_split)
+    except Exception as exc:  # datasets raises many types: offline, not found, bad config, bad split
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{name}: could not load the dataset from the Hub: {first_line}") from None
+    return _check_dataset(dataset, name, data_args)
+
+
+class _BadRows:
+    """Rows that cannot be trained on: an error naming the first (on_bad_rows: error), or left out and listed."""
+
+    def __init__(self, policy: str):
+        self.skip = policy == "skip"
+        self.records: list[dict] = []
+
+    def __call__(self, where: Where, reason: str) -> None:
+        if not self.skip:
+            raise DataError(f"{where}: {reason}")
+        self.records.append(where.record(reason))
+
+    def listed(self) -> list[dict]:
+        """In file order (a malformed line is found before a bad value on an earlier line)."""
+        return sorted(self.records, key=lambda r: (r["file"], r["line"] or 0, r.get("row") or 0))
 
 
 def _load_local(path: Path, data_args) -> RowSource:
-    import datasets
-
     if not path.exists():
         raise DataError(f"{path}: dataset file not found")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in LOCAL_FORMATS) if path.is_dir() else [path]
@@ -137,18 +198,62 @@ def _load_local(path: Path, data_args) -> RowSource:
     if len(kinds) > 1:
         raise DataError(f"{path}: mixes file types {sorted(kinds)}; keep one type per dataset")
     kind = kinds.pop()
+    if kind == "parquet":
+        return _check_dataset(_read_with_datasets(path, kind, files), str(path), data_args)
 
-    row_names: list[str] | None = None
-    if kind == "json":
-        row_names = []
-        for f in files:
-            row_names += _scan_json_file(f, data_args)
-    elif kind == "csv":
-        row_names = []
-        for f in files:
-            row_names += _scan_csv_file(f)
+    # JSON and CSV are parsed here first, so every problem is reported with its file and line.
+    bad = _BadRows(data_args.on_bad_rows)
+    parsed: list[tuple[Where, dict]] = []
+    columns: dict[str, None] = {}  # in order of first appearance
+    notes: list[str] = []
+    headers = set()
+    used = {c for c in (*columns_of(data_args), data_args.id_column) if c}  # rows keep only these fields
+    for f in files:
+        scan = _scan_json_file if kind == "json" else _scan_csv_file
+        rows, blank_lines, header = scan(f, bad, used)
+        parsed += rows
+        columns.update(dict.fromkeys(header))
+        headers.add(tuple(header))
+        if blank_lines:
+            shown = ", ".join(map(str, blank_lines[:5])) + (", …" if len(blank_lines) > 5 else "")
+            notes.append(
+                f"{f}: {len(blank_lines)} blank line{'s' if len(blank_lines) > 1 else ''} ignored (line {shown})"
+            )
+    rows_read = len(parsed) + len(bad.records)
+    _check_columns(str(path), list(columns), data_args)
+    keep = _check_rows(parsed, data_args, bad, data_args.id_column in columns)
+    if not keep:
+        raise DataError(
+            f"{path}: no rows left to train on: all {rows_read} rows were skipped (first: {_first(bad.listed())})"
+        )
+
+    dataset = None
+    if not bad.records:  # the file as it is, so `datasets` caches its reading and our tokenization
+        options = {}
+        if kind == "csv" and len(headers) == 1:
+            import datasets
+
+            # A CSV value is text: "42" stays "42" and an empty field stays "" (pandas would guess int and NaN).
+            options = {
+                "features": datasets.Features({c: datasets.Value("string") for c in columns}),
+                "na_filter": False,
+            }
+        with contextlib.suppress(Exception):  # e.g. a column whose JSON type changes from row to row
+            dataset = _read_with_datasets(path, kind, files, **options)
+        if dataset is not None and len(dataset) != len(parsed):
+            dataset = None
+    if dataset is None:
+        dataset = _clean_copy([parsed[i][1] for i in keep], data_args)
+    source = RowSource(dataset, str(path), [parsed[i][0] for i in keep], rows_read, bad.listed(), notes)
+    _note_columns_and_skips(source, list(columns), data_args)
+    return source
+
+
+def _read_with_datasets(path: Path, kind: str, files: list[Path], **options):
+    import datasets
+
     try:
-        dataset = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+        dataset = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", **options)
     except Exception as exc:
         message = str(exc).strip().splitlines()
         raise DataError(
@@ -156,107 +261,255 @@ def _load_local(path: Path, data_args) -> RowSource:
         ) from None
     if len(dataset) == 0:
         raise DataError(f"{path}: the dataset is empty (no rows)")
-    if row_names is not None and len(row_names) != len(dataset):
-        row_names = None  # e.g. a JSON file nested under a field: fall back to row numbers
-    return RowSource(dataset, str(path), row_names)
+    return dataset
 
 
-def _scan_json_file(path: Path, data_args) -> list[str]:
-    """Parse every row ourselves first, so a malformed line is reported with its line number."""
+def _clean_copy(rows: list[dict], data_args):
+    """The rows to train on, with only the template's columns, written as JSONL into the datasets cache and read
+    from there: `datasets` then caches it like any file, and the tokenized result with it."""
+    import datasets
+
+    columns = [c for c in columns_of(data_args) if c]
+    text = "".join(json.dumps({c: row.get(c) for c in columns}, ensure_ascii=False) + "\n" for row in rows)
+    folder = Path(datasets.config.HF_DATASETS_CACHE) / "qlora_pipeline_rows"
+    target = folder / f"rows-{hashlib.sha256(text.encode()).hexdigest()[:16]}.jsonl"
+    if not target.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / f".{target.name}.{os.getpid()}"
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, target)
+    return datasets.load_dataset("json", data_files=[str(target)], split="train")
+
+
+# What a scan of one file returns: its rows (each with its location), its blank lines, its columns.
+Scan = tuple[list[tuple[Where, dict]], list[int], list[str]]
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a leading byte-order mark is allowed and removed)."""
+    data = path.read_bytes()
+    bom = len(UTF8_BOM) if data.startswith(UTF8_BOM) else 0
     try:
-        text = path.read_text(encoding="utf-8")
+        return data[bom:].decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        byte = bom + exc.start
+        line = data.count(b"\n", 0, byte) + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text ({exc.reason}: byte 0x{data[byte]:02x} at offset {byte}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def _scan_json_file(path: Path, bad: _BadRows, used: set[str]) -> Scan:
+    """Parse every row ourselves, so that a problem is reported with its line. Returns (rows with their `used`
+    fields, blank lines, every key seen)."""
+    text = _read_text(path)
     if not text.strip():
         raise DataError(f"{path}: the file is empty (no rows)")
-    stripped = text.lstrip()
-    if path.suffix.lower() == ".json" and stripped.startswith("["):
+    name, rows, blank, keys = str(path), [], [], {}
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
-            rows = json.loads(text)
+            values = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg}") from None
-        for index, row in enumerate(rows):
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: row {index + 1}: expected an object with fields, got {type(row).__name__}")
-        if not rows:
+            raise DataError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+        if not values:
             raise DataError(f"{path}: the file is empty (no rows)")
-        return [f"{path}: row {i + 1}" for i in range(len(rows))]
-    names = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+        for index, value in enumerate(values):
+            where = Where(name, row=index + 1)
+            if isinstance(value, dict):
+                rows.append((where, {k: v for k, v in value.items() if k in used}))
+                keys.update(dict.fromkeys(value))
+            else:
+                bad(where, f"expected an object with fields, got {_kind(value)}")
+        return rows, blank, list(keys)
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
+            blank.append(lineno)
             continue
+        where = Where(name, line=lineno)
         try:
-            row = json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: malformed JSON line: {exc.msg} (column {exc.colno})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object with fields, got {type(row).__name__}")
-        names.append(f"{path}:{lineno}")
-    return names
+            bad(where, f"malformed JSON line: {exc.msg} (column {exc.colno})")
+            continue
+        if isinstance(value, dict):
+            rows.append((where, {k: v for k, v in value.items() if k in used}))
+            keys.update(dict.fromkeys(value))
+        else:
+            bad(where, f"expected a JSON object with fields, got {_kind(value)}")
+    return rows, blank, list(keys)
 
 
-def _scan_csv_file(path: Path) -> list[str]:
-    import csv
-
+def _scan_csv_file(path: Path, bad: _BadRows, used: set[str]) -> Scan:
+    """Every row as text values. Returns (rows with their `used` fields, blank lines, header)."""
+    text = _read_text(path)
+    name, rows, blank = str(path), [], []
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # the default, 128 KiB, is less than some answers
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header, ended = None, 0
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.reader(handle)
-            header = next(reader, None)
+        for fields in reader:
+            start, ended = ended + 1, reader.line_num  # a quoted field may span lines: name the first
             if header is None:
-                raise DataError(f"{path}: the file is empty (no header, no rows)")
-            names = []
-            for row in reader:
-                if not row:
-                    continue
-                if len(row) != len(header):
-                    raise DataError(f"{path}:{reader.line_num}: {len(row)} fields where the header has {len(header)}")
-                names.append(f"{path}:{reader.line_num}")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if not names:
+                if fields:
+                    header = fields
+                continue
+            if not fields:
+                blank.append(start)
+            elif len(fields) != len(header):
+                count = f"{len(fields)} field{'s' if len(fields) != 1 else ''}"
+                bad(Where(name, line=start), f"{count} where the header has {len(header)}")
+            else:
+                rows.append((Where(name, line=start), {k: v for k, v in zip(header, fields) if k in used}))
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: not readable as CSV: {exc}") from None
+    if header is None:
+        raise DataError(f"{path}: the file is empty (no header, no rows)")
+    if not rows and not any(r["file"] == name for r in bad.records):
         raise DataError(f"{path}: the file has a header but no rows")
-    return names
+    return rows, blank, header
 
 
-def _check_columns(source: RowSource, data_args) -> None:
+def _kind(value) -> str:
+    """A value's type in JSON's words."""
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    return {list: "a list", dict: "an object", str: "text"}.get(type(value), type(value).__name__)
+
+
+def _check_columns(name: str, present: list[str], data_args) -> None:
     instruction, input_column, output = columns_of(data_args)
-    present = list(source.dataset.column_names)
     needed = [("instruction_column", instruction), ("output_column", output)]
     if input_column:
         needed.append(("input_column", input_column))
     for key, column in needed:
         if column not in present:
             raise DataError(
-                f"{source.name}: missing column '{column}' (columns present: {', '.join(present) or 'none'}); "
+                f"{name}: missing column '{column}' (columns present: {', '.join(present) or 'none'}); "
                 f"map yours with the recipe key {key}"
             )
 
 
-def _check_values(source: RowSource, data_args) -> None:
+def _row_problem(row: dict, data_args) -> str | None:
+    """What makes one row untrainable, or None."""
     instruction, input_column, output = columns_of(data_args)
-    columns = [c for c in (instruction, input_column, output) if c]
-    start = 0
-    for batch in source.dataset.select_columns(columns).iter(batch_size=1000):
-        for offset in range(len(batch[instruction])):
-            index = start + offset
-            for column in (instruction, output):
-                value = batch[column][offset]
-                if value is None or (isinstance(value, str) and not value.strip()):
-                    raise DataError(f"{source.row(index)}: '{column}' is {'null' if value is None else 'empty'}")
-                if not isinstance(value, str):
-                    raise DataError(f"{source.row(index)}: '{column}' must be text, got {type(value).__name__}")
-            if input_column:
-                value = batch[input_column][offset]
-                if value is not None and not isinstance(value, str):
-                    raise DataError(f"{source.row(index)}: '{input_column}' must be text, got {type(value).__name__}")
-        start += len(batch[instruction])
+    for column in (instruction, output):
+        if column not in row:
+            return f"'{column}' is missing"
+        value = row[column]
+        if value is None:
+            return f"'{column}' is null"
+        if not isinstance(value, str):
+            return f"'{column}' must be text, got {_kind(value)}"
+        if not value.strip():
+            return f"'{column}' is empty"
+    if input_column:
+        value = row.get(input_column)
+        if value is not None and not isinstance(value, str):
+            return f"'{input_column}' must be text or null, got {_kind(value)}"
+    return None
+
+
+def _check_rows(rows: Iterable[tuple[Where, dict]], data_args, bad: _BadRows, has_ids: bool) -> list[int]:
+    """Indices of the rows to train on; every other row went to `bad`. Ids, where there is an id column, must be
+    unique: the later of two rows with one id is the bad one."""
+    id_column = data_args.id_column if has_ids else None
+    keep: list[int] = []
+    seen: dict[str, Where] = {}
+    for index, (where, row) in enumerate(rows):
+        problem = _row_problem(row, data_args)
+        if problem is None and id_column and row.get(id_column) is not None:
+            value = row[id_column]
+            first = seen.setdefault(json.dumps(value, sort_keys=True, default=str), where)
+            if first is not where:
+                problem = f"duplicate {id_column} {value!r} (first at {first.relative_to(where)})"
+        if problem is None:
+            keep.append(index)
+        else:
+            bad(where, problem)
+    return keep
+
+
+def _check_dataset(dataset, name: str, data_args) -> RowSource:
+    """Check a dataset that `datasets` read (parquet, Hub): rows are named by number."""
+    _check_columns(name, list(dataset.column_names), data_args)
+    has_ids = bool(data_args.id_column) and data_args.id_column in dataset.column_names
+    columns = list(dict.fromkeys(c for c in (*columns_of(data_args), data_args.id_column if has_ids else None) if c))
+
+    def rows() -> Iterator[tuple[Where, dict]]:
+        index = 0
+        for batch in dataset.select_columns(columns).iter(batch_size=1000):
+            for offset in range(len(batch[columns[0]])):
+                index += 1
+                yield Where(name, row=index), {c: batch[c][offset] for c in columns}
+
+    if len(dataset) == 0:
+        raise DataError(f"{name}: the dataset is empty (no rows)")
+    bad = _BadRows(data_args.on_bad_rows)
+    keep = _check_rows(rows(), data_args, bad, has_ids)
+    if not keep:
+        raise DataError(
+            f"{name}: no rows left to train on: all {len(dataset)} rows were skipped (first: {_first(bad.listed())})"
+        )
+    source = RowSource(
+        dataset.select(keep) if len(keep) != len(dataset) else dataset,
+        name,
+        [Where(name, row=i + 1) for i in keep],
+        len(dataset),
+        bad.listed(),
+    )
+    _note_columns_and_skips(source, list(dataset.column_names), data_args)
+    return source
+
+
+def _first(records: list[dict]) -> str:
+    record = records[0]
+    return f"{Where(record['file'], record['line'], record.get('row'))}: {record['reason']}"
+
+
+def _note_columns_and_skips(source: RowSource, present: list[str], data_args) -> None:
+    used = {*columns_of(data_args), data_args.id_column}
+    ignored = [c for c in present if c not in used]
+    if ignored:
+        source.notes.append(
+            f"{source.name}: column{'s' if len(ignored) > 1 else ''} {', '.join(repr(c) for c in ignored)} "
+            f"not used by the template; ignored"
+        )
+    if source.skipped:
+        source.notes.append(
+            f"{source.name}: {len(source.skipped)} of {source.rows_read} rows skipped (on_bad_rows: skip); "
+            f"first: {_first(source.skipped)}"
+        )
+
+
+def write_skipped(path: str | os.PathLike, skipped: list[dict]) -> None:
+    """skipped_rows.jsonl: one {"file", "line", "reason"} object per row left out (with "row" where lines are
+    unknown)."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in skipped:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def accounting(train: RowSource, eval_source: RowSource | None, train_set, eval_set) -> dict:
+    """Where every row read went, besides the splits' own counts: rows read = train rows + eval rows + skipped +
+    unused (past max_train_samples / max_eval_samples); each split's rows = its examples + its dropped."""
+    sources = [s for s in (train, eval_source) if s is not None]
+    read = sum(s.rows_read for s in sources)
+    skipped = sum(len(s.skipped) for s in sources)
+    used = len(train_set) + (len(eval_set) if eval_set is not None else 0)
+    return {"rows_read": read, "skipped": skipped, "unused": read - skipped - used}
 
 
 def split_train_eval(train: RowSource, data_args, seed: int, eval_source: RowSource | None = None):
     """Deterministic split by seed, or the given eval set. Returns (train Dataset, eval Dataset or None)."""
-    dataset = train.dataset
+    dataset = _with_row_names(train, data_args)
     if eval_source is not None:
-        eval_dataset = eval_source.dataset
+        eval_dataset = _with_row_names(eval_source, data_args)
     elif data_args.eval_split_size:
         size = data_args.eval_split_size
         test_size = int(size) if size >= 1 else size
@@ -275,6 +528,13 @@ def split_train_eval(train: RowSource, data_args, seed: int, eval_source: RowSou
     if eval_dataset is not None and data_args.max_eval_samples:
         eval_dataset = eval_dataset.select(range(min(data_args.max_eval_samples, len(eval_dataset))))
     return dataset, eval_dataset
+
+
+def _with_row_names(source: RowSource, data_args):
+    """With overlong: error, each row carries its location through the split, for the message that names it."""
+    if data_args.overlong != "error":
+        return source.dataset
+    return source.dataset.add_column(ROW_COLUMN, [source.row(i) for i in range(len(source.dataset))])
 
 
 def tokenizer_fingerprint(tokenizer, template: PromptTemplate) -> str:
@@ -314,6 +574,8 @@ def tokenize(
         prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         full_ids = tokenizer([p + c for p, c in zip(prompts, completions)], add_special_tokens=False)["input_ids"]
         out = {"input_ids": [], "completion_mask": [], "n_tokens": [], "truncated": []}
+        if ROW_COLUMN in batch:
+            out[ROW_COLUMN] = batch[ROW_COLUMN]
         for prompt, full in zip(prompt_ids, full_ids):
             if full[: len(prompt)] != prompt:
                 raise DataError(
@@ -348,16 +610,24 @@ def tokenize(
         ).encode()
     ).hexdigest()[:16]
     from_cache = _cache_file_exists(dataset, fingerprint)
-    encoded = dataset.map(
-        encode,
-        batched=True,
-        batch_size=256,
-        remove_columns=dataset.column_names,
-        new_fingerprint=fingerprint,
-        desc=f"Tokenizing {name}",
-    )
+    # With overlong: error the run may stop on a row; a progress bar would stand between it and the one-line error.
+    with _quiet_progress(data_args.overlong == "error"):
+        encoded = dataset.map(
+            encode,
+            batched=True,
+            batch_size=256,
+            remove_columns=dataset.column_names,
+            new_fingerprint=fingerprint,
+            desc=f"Tokenizing {name}",
+        )
     lengths = encoded["n_tokens"]
     over = [i for i, n in enumerate(lengths) if max_length is not None and n > max_length]
+    if over and data_args.overlong == "error":
+        raise DataError(
+            f"{encoded[over[0]][ROW_COLUMN]}: {lengths[over[0]]} tokens, over max_length {max_length} "
+            f"(overlong: error; {len(over)} of {len(encoded)} {name} examples are over); raise max_length, or set "
+            "overlong: drop or truncate"
+        )
     if data_args.overlong == "drop":
         keep_rows = [i for i, n in enumerate(lengths) if max_length is None or n <= max_length]
     else:
@@ -367,7 +637,7 @@ def tokenize(
     kept = encoded.select(keep_rows) if len(keep_rows) != len(encoded) else encoded
     truncated = sum(encoded["truncated"])
     return TokenizedSplit(
-        dataset=kept.remove_columns(["truncated"]),
+        dataset=kept.remove_columns([c for c in ("truncated", ROW_COLUMN) if c in kept.column_names]),
         rows_in=len(dataset),
         overlong=len(over),
         dropped=len(encoded) - len(keep_rows),

@@ -23,3 +23,16 @@ class PublishError(PipelineError):
     untouched and the same command publishes it again."""
 
     exit_code = 3
+
+
+class Interrupted(PipelineError):
+    """Training stopped by SIGINT or SIGTERM after saving a checkpoint; `train RECIPE --resume` continues it.
+
+    Exits as a shell reports a process ended by that signal: 128 + its number (130 for SIGINT, 143 for SIGTERM)."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum

@@ -11,10 +11,17 @@ A run folder holds:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import os
+import re
 import resource
+import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +31,7 @@ from transformers import TrainerCallback
 from qlora_pipeline import data as data_mod
 from qlora_pipeline import modeling, tracking
 from qlora_pipeline.config import Recipe
-from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.errors import Interrupted, PipelineError
 from qlora_pipeline.templates import get_template
 
 
@@ -35,6 +42,8 @@ class PreparedData:
     train: data_mod.TokenizedSplit
     eval: data_mod.TokenizedSplit | None
     notes: list[str]
+    skipped: list[dict] | None = None  # rows left out under on_bad_rows: skip (data.Where.record)
+    accounting: dict | None = None  # rows read, skipped, unused (data.accounting)
 
 
 def prepare_data(recipe: Recipe) -> PreparedData:
@@ -59,7 +68,11 @@ def prepare_data(recipe: Recipe) -> PreparedData:
                 f"{recipe.data.dataset_name}: every example is longer than max_length {max_length} "
                 f"({split.overlong} of {split.rows_in}); raise max_length or set overlong: truncate"
             )
-    return PreparedData(tokenizer, template, train, evaluation, notes)
+    sources = [s for s in (train_rows, eval_rows) if s is not None]
+    notes += [note for source in sources for note in source.notes]
+    skipped = [record for source in sources for record in source.skipped]
+    accounting = data_mod.accounting(train_rows, eval_rows, train_set, eval_set)
+    return PreparedData(tokenizer, template, train, evaluation, notes, skipped, accounting)
 
 
 class MetricsFile(TrainerCallback):
@@ -70,15 +83,103 @@ class MetricsFile(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            record = {"step": state.global_step, "epoch": state.epoch, **logs}
+            record = {"step": state.global_step, "epoch": state.epoch, **logs, "memory_mib": current_memory_mib()}
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
 
 
+class StopOnSignal(TrainerCallback):
+    """SIGINT or SIGTERM during training: finish the optimizer step under way, save checkpoint-N through the Trainer's
+    own path (weights, optimizer, scheduler, RNG, trainer state), then stop.
+
+    Used as a context manager around `trainer.train()`: the handlers are installed on entry and the previous ones put
+    back on exit. The handler only records the signal and puts the previous handlers back at once, so a second
+    signal acts as it would without us (SIGINT: KeyboardInterrupt, SIGTERM: terminate): a hard stop. With several
+    processes the ranks agree on the stop step (an all-reduce MAX of the signal number at each step end), since a
+    rank that stopped alone would leave the others waiting in DDP forever. A signal during the last step finds the
+    training complete (`finished`): the run then ends as usual, since a resume from the last step would train one
+    step past max_steps."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, distributed: bool = False, announce: bool = True):
+        self.distributed = distributed
+        self.announce = announce  # print the "stopping" line (main process only)
+        self.received = 0  # the signal this process caught, 0 if none
+        self.signum = 0  # the signal training stopped on (agreed by all ranks), 0 if it did not
+        self.stopped_at: int | None = None  # the global step whose checkpoint holds the stop
+        self.finished = False  # the stop came at the last step: training was complete anyway
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python only delivers signals there
+            for signum in self.SIGNALS:
+                if signal.getsignal(signum) is not signal.SIG_IGN:  # ignored (nohup, background job): stays so
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        self._restore()
+        return False
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = self.received or signum
+        self._restore()
+        if self.announce:  # os.write: a signal may land in the middle of a print
+            os.write(
+                2,
+                f"\n{signal.Signals(signum).name} received: stopping after this step and saving a checkpoint "
+                f"(send it again to stop at once, without one)\n".encode(),
+            )
+
+    def _check(self, args, state, control) -> None:
+        if self.signum:
+            return
+        signum = self.received
+        if self.distributed:
+            import torch
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                flag = torch.tensor([signum], dtype=torch.int64, device=args.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                signum = int(flag.item())
+        if signum:
+            self.signum, self.stopped_at = signum, state.global_step
+            self.finished = state.global_step >= state.max_steps
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._check(args, state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # The Trainer saves after on_epoch_end too: a signal during the last step of an epoch stops there.
+        self._check(args, state, control)
+
+
+def keep_adapter_dtype(model) -> None:
+    """On --resume the Trainer reloads the adapter with PEFT's load_adapter, which by default upcasts bf16/fp16
+    adapter weights to float32, while TRL trains a QLoRA adapter in bf16. Loaded in the dtype it was trained in, the
+    resumed run (optimizer state included) continues exactly where the interrupted one stopped."""
+    load_adapter = getattr(model, "load_adapter", None)
+    if load_adapter is not None and "autocast_adapter_dtype" in inspect.signature(load_adapter).parameters:
+        model.load_adapter = functools.partial(load_adapter, autocast_adapter_dtype=False)
+
+
 def build_trainer(recipe: Recipe, prepared: PreparedData, callbacks=None):
     """The base model (quantized as the recipe says), its LoRA adapter and the SFTTrainer. Returns (trainer, notes)."""
+    from transformers import set_seed
     from trl import SFTTrainer
 
+    # The LoRA A matrices start random: seeded here, the same recipe starts from the same adapter (the Trainer only
+    # seeds once the model exists).
+    set_seed(recipe.training.seed)
     model, notes = modeling.load_model(recipe.model, recipe.training, prepared.tokenizer, prepared.template)
     if recipe.model.use_peft:
         model = modeling.add_lora(model, recipe.model)
@@ -93,15 +194,62 @@ def build_trainer(recipe: Recipe, prepared: PreparedData, callbacks=None):
     return trainer, notes
 
 
-def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> str | None:
-    """The checkpoint to resume from, or None. Refuses to train over an existing run unless told how."""
-    from transformers.trainer_utils import get_last_checkpoint
+CHECKPOINT_WEIGHTS = (
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
-    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-", 1)[1])
+
+
+def checkpoint_complete(checkpoint: Path) -> bool:
+    """The Trainer's last write, trainer_state.json, is there and whole, and so are the weights."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return any((checkpoint / name).is_file() for name in CHECKPOINT_WEIGHTS)
+
+
+def checkpoints(output_dir: Path) -> tuple[list[Path], list[Path]]:
+    """The checkpoint-N folders of a run, oldest first: (complete, incomplete)."""
+    if not output_dir.is_dir():
+        return [], []
+    found = [path for path in output_dir.iterdir() if path.is_dir() and re.fullmatch(r"checkpoint-\d+", path.name)]
+    found.sort(key=step_of)
+    complete = [path for path in found if checkpoint_complete(path)]
+    return complete, [path for path in found if path not in complete]
+
+
+def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> str | None:
+    """The checkpoint to resume from, or None. Refuses to train over an existing run unless told how.
+
+    --resume takes the newest complete checkpoint: the Trainer writes checkpoint-N/ in place and trainer_state.json
+    last, so a save cut short (killed, disk full) leaves a folder without it, which is skipped with a note."""
     if resume:
-        if last is None:
+        complete, incomplete = checkpoints(output_dir)
+        skipped = [path.name for path in incomplete if not complete or step_of(path) > step_of(complete[-1])]
+        if not complete and not skipped:
             raise PipelineError(f"{output_dir}: --resume given but there is no checkpoint-N folder to resume from")
-        return last
+        if not complete:
+            raise PipelineError(
+                f"{output_dir}: --resume given but there is no complete checkpoint-N folder to resume from "
+                f"({', '.join(skipped)}: incomplete, a save was cut short)"
+            )
+        from accelerate import PartialState
+
+        if skipped and PartialState().is_main_process:
+            print(
+                f"note: skipping {', '.join(skipped)}: incomplete (no trainer_state.json or weights; a save was cut "
+                f"short); resuming from {complete[-1].name}"
+            )
+        return str(complete[-1])
     occupied = output_dir.is_dir() and any(output_dir.iterdir())
     if occupied and not overwrite:
         raise PipelineError(
@@ -135,6 +283,19 @@ def non_padding_fraction(trainer, max_batches: int = 32) -> float | None:
     return round(real / total, 4) if total else None
 
 
+def current_memory_mib() -> float | None:
+    """Memory in use now: allocated GPU memory, else this process's resident set (Linux)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return round(torch.cuda.memory_allocated() / 2**20, 1)
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return round(resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+
+
 def peak_memory_mib() -> float:
     import torch
 
@@ -143,8 +304,31 @@ def peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
-    """Train the recipe end to end and write the run folder. Returns the summary."""
+def interrupted(recipe: Recipe, trainer, stop: StopOnSignal, tracker, overrides: list[str] | None) -> None:
+    """Training stopped on a signal, checkpoint saved: no final eval, adapter or summary. Raises Interrupted, naming
+    the signal, the step, the checkpoint and the command that resumes, once every rank is done saving."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    state.wait_for_everyone()  # a rank exiting early would make the launcher kill one that is still saving
+    if tracker is not None:
+        tracker.finish(exit_code=128 + stop.signum)  # the W&B run shows as stopped; --resume continues it
+    command = shlex.join(["qlora-pipeline", "train", recipe.source, *(overrides or []), "--resume"])
+    if state.num_processes > 1:
+        command += f" (under the same launcher: accelerate launch --num_processes {state.num_processes} …)"
+    checkpoint = Path(recipe.training.output_dir) / f"checkpoint-{stop.stopped_at}"
+    raise Interrupted(
+        f"{signal.Signals(stop.signum).name}: training stopped at step {stop.stopped_at} of "
+        f"{trainer.state.max_steps}; checkpoint saved in {checkpoint}; continue with: {command}",
+        stop.signum,
+    )
+
+
+def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, overrides: list[str] | None = None) -> dict:
+    """Train the recipe end to end and write the run folder. Returns the summary.
+
+    SIGINT or SIGTERM during training saves a checkpoint and raises Interrupted, whose message holds the command that
+    resumes the run (`overrides`: the command line's `--key value` pairs, repeated in it)."""
     from accelerate import PartialState
 
     started = time.time()
@@ -167,6 +351,9 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
         for note in notes:
             print(f"note: {note}")
         recipe.save(run_dir / "recipe.yaml")
+        if prepared.skipped:
+            data_mod.write_skipped(run_dir / data_mod.SKIPPED_FILE, prepared.skipped)
+            print(f"note: the {len(prepared.skipped)} skipped rows are listed in {run_dir / data_mod.SKIPPED_FILE}")
 
     # 3-4. Model (quantized base + LoRA) and trainer.
     trainer, model_notes = build_trainer(recipe, prepared, callbacks=[MetricsFile(run_dir / "metrics.jsonl")])
@@ -185,6 +372,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
 
     # 5. Tracking: the W&B run (offline without a key), started before the first evaluation logs into it.
     data_summary = {"train": prepared.train.stats(), "eval": prepared.eval.stats() if prepared.eval else None}
+    data_summary.update(prepared.accounting or {})
     tracker, tracking_notes = tracking.start(recipe, run_dir, data_summary, resume=checkpoint is not None)
     notes += tracking_notes
     for note in tracking_notes:
@@ -200,7 +388,23 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> dict:
     if checkpoint is not None:
         start_step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
     tokens_before = trainer.state.num_input_tokens_seen
-    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    if checkpoint is not None:
+        keep_adapter_dtype(trainer.model)
+    stop = StopOnSignal(distributed=state.num_processes > 1, announce=state.is_main_process)
+    trainer.add_callback(stop)
+    with stop:
+        train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    if stop.signum and not stop.finished:
+        interrupted(recipe, trainer, stop, tracker, overrides)
+    if (stop.signum or stop.received) and state.is_main_process:
+        # It came during the last step or after it: training is complete, so the run is finished rather than stopped
+        # (resuming from the last step would train one step past max_steps: the Trainer steps before it checks).
+        # The previous handlers are back: a second signal stops it at once.
+        print(
+            f"note: {signal.Signals(stop.signum or stop.received).name} came as training ended: finishing the run "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+        )
     eval_after = final_eval(trainer) if has_eval else {}
 
     # 7. Save the adapter and tokenizer, then the summary.

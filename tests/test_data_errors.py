@@ -92,67 +92,13 @@ def preprocess(recipe, cache, datasets_cache):
 # ---------------------------------------------------------------- bad files
 
 
-def _malformed_third_line() -> str:
-    rows = valid_rows()
-    return jsonl(rows[:2]) + '{"instruction": "Name the hallmark.", "output": \n' + jsonl(rows[3:])
-
-
-def _null_output_second_line() -> str:
-    rows = valid_rows()
-    rows[1]["output"] = None
-    return jsonl(rows)
-
-
-def _empty_instruction_fifth_line() -> str:
-    rows = valid_rows()
-    rows[4]["instruction"] = ""
-    return jsonl(rows)
-
-
-def _question_answer_rows() -> str:
-    return jsonl([{"question": row["instruction"], "answer": row["output"]} for row in valid_rows()])
-
-
-def _ragged_csv() -> str:
-    rows = ["instruction,input,output", "Name it.,Passage 1.,Label 1", "Name it.,Passage 2.,Label 2"]
-    rows += ["Name it.,Label 3", "Name it.,Passage 4.,Label 4"]  # line 4 has a field missing
-    return "\n".join(rows) + "\n"
-
-
-# (file name, contents, fragments of the error line; "{path}" stands for the data file's path)
-DATA_CASES = [
-    pytest.param("empty.jsonl", "", ["{path}:", "empty"], id="empty-file"),
-    pytest.param(
-        "malformed.jsonl", _malformed_third_line(), ["{path}:3:", "malformed JSON"], id="malformed-json-line-3"
-    ),
-    pytest.param(
-        "qa.jsonl",
-        _question_answer_rows(),
-        ["{path}:", "missing column 'instruction'", "question", "answer", "instruction_column"],
-        id="missing-column",
-    ),
-    pytest.param("null.jsonl", _null_output_second_line(), ["{path}:2:", "'output'", "null"], id="null-output-line-2"),
-    pytest.param(
-        "blank.jsonl",
-        _empty_instruction_fifth_line(),
-        ["{path}:5:", "'instruction'", "empty"],
-        id="empty-instruction-line-5",
-    ),
-    pytest.param("ragged.csv", _ragged_csv(), ["{path}:4:", "2 fields", "header has 3"], id="csv-ragged-row-line-4"),
-    pytest.param("header.csv", "instruction,input,output\n", ["{path}:", "header but no rows"], id="csv-header-only"),
-]
+# Every kind of broken data file is a case of the corpus in tests/corpus/ (tests/test_corpus.py, in-process);
+# this file keeps what needs a real process: its own datasets cache, and the cache being read back.
 
 
 def test_missing_dataset_file(tmp_path, preprocess):
     path = tmp_path / "no-such-data.jsonl"
     assert_one_error_line(preprocess(path), f"error: {path}:", "not found")
-
-
-@pytest.mark.parametrize("name, text, fragments", DATA_CASES)
-def test_bad_data_file(tmp_path, preprocess, name, text, fragments):
-    path = write(tmp_path / name, text)
-    line = assert_one_error_line(preprocess(path), *(f.format(path=path) for f in fragments))
-    assert line.startswith(f"error: {path}"), line
 
 
 # ---------------------------------------------------------------- good files
