@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from qlora_pipeline import tiny
+
 if TYPE_CHECKING:
     from qlora_pipeline.config import Recipe
 
@@ -106,17 +108,11 @@ def _last_component(path: str) -> str:
     return parts[-1] if parts else path
 
 
-def _is_embedded(name: str | None) -> bool:
-    from qlora_pipeline import tiny
-
-    return tiny.is_embedded(name)
-
-
 def is_hub_id(name: str | None, suffixes: tuple[str, ...] = ()) -> bool:
     """True for a name that can only be a Hub repo id: not embedded, not a local path, a valid `owner/name`."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if not name or _is_embedded(name) or name.startswith((".", "/", "~", "\\")) or ABSOLUTE_PATH.match(name):
+    if not name or tiny.is_embedded(name) or name.startswith((".", "/", "~", "\\")) or ABSOLUTE_PATH.match(name):
         return False
     if name.lower().endswith(suffixes) or Path(name).expanduser().exists():
         return False
@@ -131,7 +127,7 @@ def display_name(name: str | None) -> str:
     """How a model or dataset is named in a card: a Hub id or embedded name as is, a local path by its last part."""
     if not name:
         return "(none)"
-    if _is_embedded(name) or is_hub_id(name, DATA_FILE_SUFFIXES):
+    if tiny.is_embedded(name) or is_hub_id(name, DATA_FILE_SUFFIXES):
         return name
     return _last_component(name.rstrip("/\\")) or name
 
@@ -155,7 +151,7 @@ def base_license(recipe: Recipe) -> str | None:
     id (None when offline or not found). Never raises."""
     name = recipe.model.model_name_or_path
     try:
-        if _is_embedded(name):
+        if tiny.is_embedded(name):
             from qlora_pipeline.modeling import resolve_model_path
 
             return _license_of_readme(Path(resolve_model_path(name)) / "README.md")
@@ -264,7 +260,7 @@ def _base_reference(recipe: Recipe) -> str:
     name = recipe.model.model_name_or_path
     if is_hub_id(name):
         return f"[{name}](https://huggingface.co/{name})"
-    if _is_embedded(name):
+    if tiny.is_embedded(name):
         return f"`{name}` (a tiny random-weight model built by qlora-pipeline for its offline demo)"
     return f"`{display_name(name)}` (a local model folder)"
 
@@ -364,7 +360,7 @@ def _usage(kind: str, recipe: Recipe, repo_id: str | None) -> str:
         name = display_name(recipe.model.model_name_or_path)
         where = (
             f"`qlora_pipeline.modeling.resolve_model_path({name!r})` builds it and returns its folder"
-            if _is_embedded(recipe.model.model_name_or_path)
+            if tiny.is_embedded(recipe.model.model_name_or_path)
             else "use your copy of it"
         )
         text += [
@@ -391,7 +387,7 @@ def _local_chat_template(recipe: Recipe) -> str | None:
     """The base model's own chat template, if the base is a local or embedded folder (template: tokenizer)."""
     name = recipe.model.tokenizer_name_or_path or recipe.model.model_name_or_path
     try:
-        if _is_embedded(name):
+        if tiny.is_embedded(name):
             from qlora_pipeline.modeling import resolve_model_path
 
             name = resolve_model_path(name)

@@ -307,6 +307,14 @@ def _scan_json_file(path: Path, bad: _BadRows, used: set[str]) -> Scan:
     if not text.strip():
         raise DataError(f"{path}: the file is empty (no rows)")
     name, rows, blank, keys = str(path), [], [], {}
+
+    def take(where: Where, value, expected: str) -> None:
+        if isinstance(value, dict):
+            rows.append((where, {k: v for k, v in value.items() if k in used}))
+            keys.update(dict.fromkeys(value))
+        else:
+            bad(where, f"expected {expected}, got {_kind(value)}")
+
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             values = json.loads(text)
@@ -315,12 +323,7 @@ def _scan_json_file(path: Path, bad: _BadRows, used: set[str]) -> Scan:
         if not values:
             raise DataError(f"{path}: the file is empty (no rows)")
         for index, value in enumerate(values):
-            where = Where(name, row=index + 1)
-            if isinstance(value, dict):
-                rows.append((where, {k: v for k, v in value.items() if k in used}))
-                keys.update(dict.fromkeys(value))
-            else:
-                bad(where, f"expected an object with fields, got {_kind(value)}")
+            take(Where(name, row=index + 1), value, "an object with fields")
         return rows, blank, list(keys)
     lines = text.split("\n")
     if lines[-1] == "":
@@ -335,11 +338,7 @@ def _scan_json_file(path: Path, bad: _BadRows, used: set[str]) -> Scan:
         except json.JSONDecodeError as exc:
             bad(where, f"malformed JSON line: {exc.msg} (column {exc.colno})")
             continue
-        if isinstance(value, dict):
-            rows.append((where, {k: v for k, v in value.items() if k in used}))
-            keys.update(dict.fromkeys(value))
-        else:
-            bad(where, f"expected a JSON object with fields, got {_kind(value)}")
+        take(where, value, "a JSON object with fields")
     return rows, blank, list(keys)
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TextIO
 
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.modeling import first_line
 from qlora_pipeline.templates import TEMPLATES, PromptTemplate, get_template
 
 DEFAULT_COLUMNS = ("instruction", "input")
@@ -121,7 +122,7 @@ class InferenceModel:
             try:
                 model = AutoModelForCausalLM.from_pretrained(self.source.folder, dtype="auto", device_map={"": device})
             except Exception as exc:
-                raise PipelineError(f"{self.source.folder}: could not load the model: {_first_line(exc)}") from None
+                raise PipelineError(f"{self.source.folder}: could not load the model: {first_line(exc)}") from None
         self.model = model.eval()
         return self.model
 
@@ -180,7 +181,7 @@ def _open_model_folder(source: ModelSource) -> InferenceModel:
         try:
             eos = GenerationConfig.from_pretrained(source.folder).eos_token_id
         except Exception as exc:
-            raise PipelineError(f"{source.folder}: generation_config.json: {_first_line(exc)}") from None
+            raise PipelineError(f"{source.folder}: generation_config.json: {first_line(exc)}") from None
         end_ids += eos if isinstance(eos, list) else [eos]
     end_token = template.end_token_for(tokenizer)
     end_ids.append(tokenizer.convert_tokens_to_ids(end_token) if end_token in tokenizer.get_vocab() else None)
@@ -198,7 +199,7 @@ def _load_tokenizer(folder: Path):
     try:
         return AutoTokenizer.from_pretrained(folder)
     except Exception as exc:
-        raise PipelineError(f"{folder}: could not load the tokenizer: {_first_line(exc)}") from None
+        raise PipelineError(f"{folder}: could not load the tokenizer: {first_line(exc)}") from None
 
 
 def _prepare_padding(tokenizer, notes: list[str]) -> None:
@@ -530,8 +531,3 @@ def _no_progress_bars() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -64,21 +64,25 @@ def locate(path: str | os.PathLike) -> MergeSource:
     raise PipelineError(f"{adapter_dir}: no recipe.yaml beside the adapter; pass the run folder that training wrote")
 
 
-def merge_dtype_name(recipe: Recipe) -> str:
-    """fp16 / bf16 / fp32: the recipe's choice, or for 'auto' the dtype the base model was published in."""
-    choice = recipe.export.merge_dtype
-    if choice != "auto":
-        return choice
+def base_config(recipe: Recipe):
+    """The base model's config (no weights), or None if it cannot be read here."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(
+        return AutoConfig.from_pretrained(
             modeling.resolve_model_path(recipe.model.model_name_or_path),
             revision=recipe.model.model_revision,
             trust_remote_code=recipe.training.trust_remote_code,
         )
-    except Exception:
-        return "fp16"
+    except Exception:  # noqa: BLE001 -- only the defaults and the memory estimate need it
+        return None
+
+
+def merge_dtype_name(recipe: Recipe, config) -> str:
+    """fp16 / bf16 / fp32: the recipe's choice, or for 'auto' the dtype the base model was published in."""
+    choice = recipe.export.merge_dtype
+    if choice != "auto":
+        return choice
     published = str(getattr(config, "dtype", None) or "").replace("torch.", "")
     return {v: k for k, v in DTYPES.items()}.get(published, "fp16")
 
@@ -108,7 +112,8 @@ def merge(
     export_dir = Path(out or options.merge_output_dir or (source.run_dir or source.adapter_dir.parent) / "merged")
     if export_dir.exists() and not overwrite:
         raise PipelineError(f"{export_dir}: the export folder already exists; pass --overwrite to replace it")
-    dtype_name = merge_dtype_name(recipe)
+    config = base_config(recipe)
+    dtype_name = merge_dtype_name(recipe, config)
     dtype = getattr(torch, DTYPES[dtype_name])
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
 
@@ -119,7 +124,7 @@ def merge(
     tokenizer, template = prepared.tokenizer, prepared.template
     examples, examples_from = _fidelity_examples(prepared, options.merge_fidelity_prompts)
     end_id = tokenizer.convert_tokens_to_ids(template.end_token_for(tokenizer))
-    _print_memory_plan(recipe, dtype_name, quantized)
+    _print_memory_plan(config, dtype_name, quantized)
 
     # 3. Reference pass: the model as trained.
     print(
@@ -227,32 +232,10 @@ def _fidelity_examples(prepared, count: int):
 
 
 def _base_model(recipe: Recipe, tokenizer, quantization, dtype, device: str):
-    from transformers import AutoModelForCausalLM
-
-    name = modeling.resolve_model_path(recipe.model.model_name_or_path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name,
-            revision=recipe.model.model_revision,
-            quantization_config=quantization,
-            dtype=dtype,
-            attn_implementation=recipe.model.attn_implementation or "sdpa",
-            device_map={"": device},
-            trust_remote_code=recipe.training.trust_remote_code,
-            use_safetensors=True,
-        )
-    except Exception as exc:
-        raise PipelineError(f"{name}: could not load the base model: {modeling._first_line(exc)}") from None
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))  # as training did; the adapter saved the new rows
+    model, _ = modeling.load_base_model(
+        recipe.model, recipe.training, tokenizer, quantization=quantization, dtype=dtype, device_map={"": device}
+    )
     return model
-
-
-def _training_dtype(recipe: Recipe):
-    import torch
-
-    name = recipe.model.dtype
-    return name if name == "auto" else getattr(torch, name or "float32")
 
 
 def load_trained_model(recipe: Recipe, adapter_dir: Path, tokenizer, device: str):
@@ -261,7 +244,7 @@ def load_trained_model(recipe: Recipe, adapter_dir: Path, tokenizer, device: str
     `tokenizer` is the one training used (its length sizes the embeddings); also used by `infer`."""
     check_adapter_base(adapter_dir, recipe)
     quantization = modeling.quantization_config(recipe.model, recipe.training)
-    base = _base_model(recipe, tokenizer, quantization, _training_dtype(recipe), device)
+    base = _base_model(recipe, tokenizer, quantization, modeling.training_dtype(recipe.model), device)
     if quantization is not None:
         # Training ran with this: it keeps norms and embeddings in float32 beside the 4-bit layers.
         base = modeling.prepare_for_kbit_training(base, use_gradient_checkpointing=False)
@@ -315,7 +298,7 @@ def _merged_model(recipe: Recipe, adapter_dir: Path, prepared, base_mode: str, d
     if base_mode == "nf4-roundtrip":
         # Quantize with the training settings and dtype, then dequantize: bit for bit the weights training saw.
         quantization = modeling.quantization_config(recipe.model, recipe.training)
-        base = _base_model(recipe, prepared.tokenizer, quantization, _training_dtype(recipe), device)
+        base = _base_model(recipe, prepared.tokenizer, quantization, modeling.training_dtype(recipe.model), device)
         base = base.dequantize(dtype=dtype)
     else:
         base = _base_model(recipe, prepared.tokenizer, None, dtype, device)
@@ -437,20 +420,17 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _print_memory_plan(recipe: Recipe, dtype_name: str, quantized: bool) -> None:
+def _print_memory_plan(config, dtype_name: str, quantized: bool) -> None:
     """What the merge will hold at its peak, from the config alone (no weights are loaded)."""
+    if config is None:
+        return
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(
-            modeling.resolve_model_path(recipe.model.model_name_or_path),
-            revision=recipe.model.model_revision,
-            trust_remote_code=recipe.training.trust_remote_code,
-        )
         with init_empty_weights():
             parameters = AutoModelForCausalLM.from_config(config).num_parameters()
-    except Exception:
+    except Exception:  # noqa: BLE001 -- an estimate only
         return
     merged_gib = parameters * BYTES_PER_PARAM[dtype_name] / 2**30
     reference = " (the 4-bit reference pass needs about a third of that, and runs first)" if quantized else ""

@@ -36,7 +36,7 @@ def load_tokenizer(model_args, training_args, template: PromptTemplate):
             name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
         )
     except Exception as exc:
-        raise PipelineError(f"{name}: could not load the tokenizer: {_first_line(exc)}") from None
+        raise PipelineError(f"{name}: could not load the tokenizer: {first_line(exc)}") from None
     notes = []
     end_token = template.end_token_for(tokenizer)
     if end_token not in tokenizer.get_vocab():
@@ -93,32 +93,19 @@ def device_map(training_args):
 
 def load_model(model_args, training_args, tokenizer, template: PromptTemplate):
     """The base model, quantized as the recipe says, ready for k-bit training. Returns (model, notes)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     name = resolve_model_path(model_args.model_name_or_path)
     if training_args.trust_remote_code:
         logger.warning("trust_remote_code is on: code from %s will run on this machine", name)
     quantization = quantization_config(model_args, training_args)
-    dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype or "float32")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name,
-            revision=model_args.model_revision,
-            quantization_config=quantization,
-            dtype=dtype,
-            attn_implementation=model_args.attn_implementation or "sdpa",
-            device_map=device_map(training_args),
-            trust_remote_code=training_args.trust_remote_code,
-            use_safetensors=True,
-        )
-    except Exception as exc:
-        raise PipelineError(f"{name}: could not load the model: {_first_line(exc)}") from None
-
-    notes = []
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
-        notes.append(f"embeddings resized to {len(tokenizer)} tokens for the added special tokens")
+    model, resized = load_base_model(
+        model_args,
+        training_args,
+        tokenizer,
+        quantization=quantization,
+        dtype=training_dtype(model_args),
+        device_map=device_map(training_args),
+    )
+    notes = [f"embeddings resized to {len(tokenizer)} tokens for the added special tokens"] if resized else []
     # A KV cache is useless in training and breaks packed-sequence isolation (the mask is built from positions
     # only when there is no cache).
     model.config.use_cache = False
@@ -132,6 +119,39 @@ def load_model(model_args, training_args, tokenizer, template: PromptTemplate):
             model, training_args.gradient_checkpointing, training_args.gradient_checkpointing_kwargs
         )
     return model, notes
+
+
+def training_dtype(model_args):
+    """The dtype the base loads in: the recipe's (after hardware adaptation), "auto", or float32."""
+    import torch
+
+    return model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype or "float32")
+
+
+def load_base_model(model_args, training_args, tokenizer, *, quantization, dtype, device_map):
+    """`from_pretrained` of the base (safetensors only), with embeddings resized to the tokenizer as training did.
+
+    Shared by training and by merge/inference, which rebuild the model as trained. Returns (model, resized)."""
+    from transformers import AutoModelForCausalLM
+
+    name = resolve_model_path(model_args.model_name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name,
+            revision=model_args.model_revision,
+            quantization_config=quantization,
+            dtype=dtype,
+            attn_implementation=model_args.attn_implementation or "sdpa",
+            device_map=device_map,
+            trust_remote_code=training_args.trust_remote_code,
+            use_safetensors=True,
+        )
+    except Exception as exc:
+        raise PipelineError(f"{name}: could not load the model: {first_line(exc)}") from None
+    resized = len(tokenizer) > model.get_input_embeddings().weight.shape[0]
+    if resized:
+        model.resize_token_embeddings(len(tokenizer))
+    return model, resized
 
 
 def prepare_for_kbit_training(model, use_gradient_checkpointing: bool, gradient_checkpointing_kwargs=None):
@@ -180,9 +200,9 @@ def add_lora(model, model_args):
         with quiet_peft_deprecations():
             return get_peft_model(model, lora_config(model_args))
     except ValueError as exc:  # e.g. target_modules naming layers the model does not have
-        raise PipelineError(f"LoRA: {_first_line(exc)}") from None
+        raise PipelineError(f"LoRA: {first_line(exc)}") from None
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
