@@ -8,10 +8,11 @@ Bad input of any kind ends in one `error: …` line on stderr and a non-zero exi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from qlora_pipeline import __version__
-from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.errors import DataError, PipelineError, RecipeError
 
 OVERRIDES_HELP = (
     "Any recipe key can be overridden after the recipe as --key value (e.g. --learning_rate 1e-4 --max_steps 20); "
@@ -143,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.handler(args, extra) or 0
+    except (RecipeError, DataError) as exc:
+        # Found before anything loads, the same on every rank: under `accelerate launch` only rank 0 says it.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
+from qlora_pipeline import distributed
 from qlora_pipeline.errors import RecipeError
 
 # Attention backends on which packed examples stay isolated: transformers builds a block-diagonal causal mask
@@ -189,6 +190,9 @@ class Recipe:
     # push_to_hub: true means train → merge → publish, done by the pipeline once at the end. The trainer's own
     # push_to_hub is kept off: it would create the repo before training and push every checkpoint.
     publish: bool = False
+    # Values distributed.adapt changed for this launcher (e.g. ddp_backend under DeepSpeed on CPU), as the recipe had
+    # them: a saved recipe holds these, so it runs again under any launcher.
+    launcher_changes: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, flat, as a recipe file would hold it; credentials are left out."""
@@ -206,6 +210,7 @@ class Recipe:
         values.update(_plain(dataclasses.asdict(self.export)))
         values.update(_plain(dataclasses.asdict(self.tracking)))
         values["push_to_hub"] = self.publish
+        values.update(self.launcher_changes)
         for key in SECRET_FIELDS + MANAGED_FIELDS:
             values.pop(key, None)
         return values
@@ -338,6 +343,9 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
     notes = _check_combinations(merged, origin)
     notes += _adapt_to_hardware(merged)
+    before_launcher = dict(merged)
+    notes += distributed.adapt(merged, cuda=_cuda_available(), fail=_failer(origin))
+    launcher_changes = {key: before_launcher[key] for key in merged if merged[key] != before_launcher[key]}
     publish = bool(merged["push_to_hub"])
     merged["push_to_hub"] = False
 
@@ -358,6 +366,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         source=source,
         notes=notes,
         publish=publish,
+        launcher_changes=launcher_changes,
     )
 
 
@@ -389,12 +398,24 @@ def _override_keys(overrides: list[str] | None) -> set[str]:
     return keys
 
 
-def _check_combinations(values: dict[str, Any], origin: dict[str, str]) -> list[str]:
-    """Reject settings that cannot work together, naming the keys. Returns notes for fixable ones."""
+def _failer(origin: dict[str, str]):
+    """fail(key, message): raise a RecipeError naming the key and where its value came from (file or command line)."""
 
     def fail(key: str, message: str):
         raise RecipeError(f"{origin.get(key, 'recipe')}: key '{key}': {message}")
 
+    return fail
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _check_combinations(values: dict[str, Any], origin: dict[str, str]) -> list[str]:
+    """Reject settings that cannot work together, naming the keys. Returns notes for fixable ones."""
+    fail = _failer(origin)
     notes: list[str] = []
     for key in ("model_name_or_path", "dataset_name"):
         if not values.get(key):
@@ -504,7 +525,8 @@ def _adapt_to_hardware(values: dict[str, Any]) -> list[str]:
         if values["fp16"] or values["bf16"]:
             notes.append("no CUDA GPU: fp16/bf16 mixed precision is off, training runs in float32 on the CPU")
         values["fp16"] = values["bf16"] = False
-        # Without use_cpu, `accelerate launch --num_processes N` on a CPU box quietly trains N separate rank-0 copies.
+        # Without use_cpu, `accelerate launch --num_processes N` on a CPU box quietly trains N separate rank-0 copies
+        # (distributed.adapt turns it off again under DeepSpeed, which runs CPU processes itself).
         values["use_cpu"] = True
         if values["dtype"] in ("float16", "bfloat16"):
             notes.append(f"no CUDA GPU: weights load in float32 rather than {values['dtype']}")

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import warnings
 
-from qlora_pipeline import tiny
+from qlora_pipeline import distributed, tiny
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.templates import PromptTemplate
 
@@ -79,18 +79,6 @@ def quantization_config(model_args, training_args):
     )
 
 
-def device_map(training_args):
-    """One whole copy per process: `{"": local_rank}` under DDP. Never "auto" there: it spreads one copy over
-    every GPU of the node and DDP silently becomes one process."""
-    import torch
-
-    if training_args.use_cpu or not torch.cuda.is_available():
-        return {"": "cpu"}
-    from accelerate import PartialState
-
-    return {"": PartialState().local_process_index}
-
-
 def load_model(model_args, training_args, tokenizer, template: PromptTemplate):
     """The base model, quantized as the recipe says, ready for k-bit training. Returns (model, notes)."""
     name = resolve_model_path(model_args.model_name_or_path)
@@ -103,7 +91,7 @@ def load_model(model_args, training_args, tokenizer, template: PromptTemplate):
         tokenizer,
         quantization=quantization,
         dtype=training_dtype(model_args),
-        device_map=device_map(training_args),
+        device_map=distributed.device_map(training_args.use_cpu),
     )
     notes = [f"embeddings resized to {len(tokenizer)} tokens for the added special tokens"] if resized else []
     # A KV cache is useless in training and breaks packed-sequence isolation (the mask is built from positions

@@ -92,6 +92,8 @@ def sort_metrics(records: list[dict]) -> Metrics:
             metrics.evals[record["step"]] = float(record["eval_loss"])
         if _number(record.get("loss")) is not None:
             metrics.train.append(record)
+    if metrics.before is None:  # under DeepSpeed the eval before training is logged as the eval at step 0
+        metrics.before = metrics.evals.get(0)
     metrics.throughput, metrics.timed = _throughput(records)
     return metrics
 

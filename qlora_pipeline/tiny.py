@@ -74,6 +74,8 @@ def resolve_model(name: str) -> str:
             staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
             try:
                 BUILDERS[key](staging)
+                if not (staging / "config.json").is_file():
+                    raise PipelineError(f"building {name} wrote no config.json in {staging}")
                 os.replace(staging, target)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -163,7 +165,14 @@ def _build_tiny_starling(folder: Path) -> None:
         torch.manual_seed(0)
         model = MistralForCausalLM(config)
         model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eot)
-        model.save_pretrained(str(folder), safe_serialization=True)
+        # Not save_pretrained: under `accelerate launch` it writes only on global rank 0, and whichever rank holds
+        # the build lock must write (the cache may be per node).
+        from safetensors.torch import save_file
+
+        config.save_pretrained(str(folder))
+        model.generation_config.save_pretrained(str(folder))
+        weights = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     finally:
         hf_logging.enable_progress_bar()
     write_tiny_starling_card(folder, config)

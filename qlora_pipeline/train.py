@@ -332,8 +332,11 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, overrides
     from accelerate import PartialState
 
     started = time.time()
-    state = PartialState()
     args = recipe.training
+    _ = (
+        args.device
+    )  # the training arguments set up the process group first, with their backend (gloo under DeepSpeed on CPU)
+    state = PartialState()
     run_dir = Path(args.output_dir)
 
     # 1. Output folder: resume, replace, or refuse.
@@ -383,7 +386,14 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, overrides
 
     # 6. Evaluate, train, evaluate.
     has_eval = prepared.eval is not None
-    eval_before = trainer.evaluate(metric_key_prefix="before") if has_eval and checkpoint is None else {}
+    eval_before = {}
+    if has_eval and checkpoint is None:
+        if trainer.is_deepspeed_enabled:
+            # The Trainer builds the DeepSpeed engine inside train(); evaluating before it needs ZeRO-3. So the
+            # "before" eval runs at step 0, inside train().
+            trainer.args.eval_on_start = True
+        else:
+            eval_before = trainer.evaluate(metric_key_prefix="before")
     start_step = 0
     if checkpoint is not None:
         start_step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
@@ -405,11 +415,18 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, overrides
             "(send it again to stop at once)",
             file=sys.stderr,
         )
+    if trainer.args.eval_on_start:
+        first = next(r for r in trainer.state.log_history if "eval_loss" in r and r.get("step") == 0)
+        eval_before = {"before_loss": first["eval_loss"]}
     eval_after = final_eval(trainer) if has_eval else {}
 
     # 7. Save the adapter and tokenizer, then the summary.
     adapter_dir = run_dir / "adapter"
-    trainer.save_model(str(adapter_dir))  # gathers the weights under any launcher; safetensors
+    if trainer.is_fsdp_enabled:
+        # Checkpoints stay sharded (fast, resumable under the same launcher); the adapter is gathered whole, so
+        # `qlora-pipeline merge` takes it as it is.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(adapter_dir))  # gathers ZeRO-3 weights too (stage3_gather_16bit_weights_on_model_save)
     if state.is_main_process:
         # save_model also pickles the training arguments; the export holds no pickles, and recipe.yaml has them.
         (adapter_dir / "training_args.bin").unlink(missing_ok=True)
@@ -419,6 +436,7 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, overrides
         "run_dir": str(run_dir),
         "adapter": str(adapter_dir),
         "processes": state.num_processes,
+        "launcher": launcher_summary(trainer),
         "resumed_from_step": start_step,
         "global_step": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0.0, 3),
@@ -450,6 +468,19 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, overrides
             print(f"warning: no report ({exc}); retry with: qlora-pipeline report {run_dir}", file=sys.stderr)
     state.wait_for_everyone()
     return summary
+
+
+def launcher_summary(trainer) -> dict:
+    """How the run was spread: accelerate's distributed type and each rank's process id, so a run that silently fell
+    back to one process shows it. Every rank must call it (it gathers)."""
+    from accelerate.utils import gather_object
+
+    accelerator = trainer.accelerator
+    return {
+        "distributed_type": str(accelerator.distributed_type).rsplit(".", 1)[-1],
+        "processes": accelerator.num_processes,
+        "ranks": gather_object([{"rank": accelerator.process_index, "pid": os.getpid()}]),
+    }
 
 
 def print_summary(summary: dict) -> None:
