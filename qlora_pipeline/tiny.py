@@ -13,6 +13,7 @@ is exercised by the demo just as it is on the real model.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -134,7 +135,16 @@ def build_starling_tokenizer(folder: Path):
         shutil.rmtree(source, ignore_errors=True)
 
 
-def _build_tiny_starling(folder: Path) -> None:
+# Starling-LM-7B-alpha's architecture (Mistral) at three sizes, all with its real tokenizer (vocabulary 32,002).
+# tiny-starling is the demo and test model; the other two are the shapes the throughput benchmark measures.
+STARLING_SHAPES = {
+    "tiny-starling": {"hidden": 128, "ffn": 256, "layers": 2, "heads": 4, "kv_heads": 2},  # 8.4 M parameters
+    "starling-small": {"hidden": 256, "ffn": 512, "layers": 4, "heads": 8, "kv_heads": 4},  # 18.7 M
+    "starling-base": {"hidden": 768, "ffn": 2048, "layers": 8, "heads": 12, "kv_heads": 4},  # 99.5 M
+}
+
+
+def _build_starling_shaped(folder: Path, shape: dict, name: str) -> None:
     import torch
     from transformers import GenerationConfig, MistralConfig, MistralForCausalLM
 
@@ -142,12 +152,12 @@ def _build_tiny_starling(folder: Path) -> None:
     eot = tokenizer.convert_tokens_to_ids(STARLING_END_OF_TURN)
     config = MistralConfig(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["ffn"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        head_dim=shape["hidden"] // shape["heads"],
         max_position_embeddings=4096,
         sliding_window=4096,
         rms_norm_eps=1e-5,
@@ -175,10 +185,10 @@ def _build_tiny_starling(folder: Path) -> None:
         save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     finally:
         hf_logging.enable_progress_bar()
-    write_tiny_starling_card(folder, config)
+    write_starling_shaped_card(folder, config, name)
 
 
-def write_tiny_starling_card(folder: Path, config) -> None:
+def write_starling_shaped_card(folder: Path, config, name: str) -> None:
     """README.md with the license in its front matter, where a model card's license is looked up."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -188,9 +198,9 @@ def write_tiny_starling_card(folder: Path, config) -> None:
         pipeline_tag="text-generation",
         tags=["mistral", "random-weights", "tiny", "qlora-pipeline"],
     )
-    body = f"""# tiny-starling
+    body = f"""# {name}
 
-A tiny random-weight model built by qlora-pipeline for its offline demo and tests (`embedded:tiny-starling`).
+A small random-weight model built by qlora-pipeline for its offline demo, tests and benchmarks (`embedded:{name}`).
 It has the architecture of Starling-LM-7B-alpha (Mistral), scaled down to {config.num_hidden_layers} layers of
 width {config.hidden_size}, and Starling-LM-7B-alpha's real tokenizer: the Mistral-7B SentencePiece vocabulary
 shipped by the `mistral-common` package, plus `{STARLING_END_OF_TURN}` and `{STARLING_PAD}` and Starling's chat
@@ -203,5 +213,5 @@ License: Apache-2.0, as Starling-LM-7B-alpha and the Mistral-7B tokenizer.
 
 
 BUILDERS = {
-    "tiny-starling": _build_tiny_starling,
+    name: functools.partial(_build_starling_shaped, shape=shape, name=name) for name, shape in STARLING_SHAPES.items()
 }
