@@ -9,7 +9,8 @@ A recipe fills four dataclasses:
 
 One `HfArgumentParser` serves the YAML file and `--key value` overrides from the command line, which win.
 Everything a recipe can get wrong is checked here, before any model or dataset is loaded, and reported as a
-`RecipeError` naming the file (or the command line), the key and what is allowed.
+`RecipeError` naming the file (or the command line), the key and what is allowed. The keys themselves are cached per
+installed version set (`recipe_keys.py`): with that cache warm, an unknown key is refused before trl and torch load.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
-from qlora_pipeline import distributed
+from qlora_pipeline import distributed, recipe_keys
 from qlora_pipeline.errors import RecipeError
 
 # Attention backends on which packed examples stay isolated: transformers builds a block-diagonal causal mask
@@ -33,7 +34,7 @@ PACKING_SAFE_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2"
 # Fields that hold credentials: they must come from the environment, never from a recipe or a saved config.
 SECRET_FIELDS = ("hub_token",)
 # Fields the pipeline always sets itself (see _adapt_to_hardware); a saved recipe leaves them out.
-MANAGED_FIELDS = ("include_num_input_tokens_seen",)
+MANAGED_FIELDS = ("include_num_input_tokens_seen", "prediction_loss_only")
 
 
 @dataclass
@@ -311,21 +312,20 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     """Parse and validate a recipe file plus command-line overrides. Raises RecipeError; loads no model."""
     source = str(path)
     values = _read_yaml(source)
+    override_keys = _override_keys(overrides)
+    cached = recipe_keys.load()
+    if cached is not None:  # these versions' keys are known: refuse an unknown one before trl and torch load
+        _check_keys(source, values, override_keys, cached.fields)
+        option = recipe_keys.first_unknown_option(overrides or [], cached.options)
+        if option:
+            raise _unknown_option(option)
     classes = _parser_classes()
     types = _field_types(classes)
+    parser = _make_parser(classes, source, override_keys)
+    if cached is None:
+        recipe_keys.store(types, parser)
 
-    for key in values:
-        if key not in types:
-            close = difflib.get_close_matches(key, types, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise RecipeError(f"{source}: unknown key '{key}'{hint}; 'qlora-pipeline keys' lists them all")
-    for key in SECRET_FIELDS:
-        if values.get(key):
-            raise RecipeError(f"{source}: key '{key}' holds a credential; set HF_TOKEN in the environment instead")
-    override_keys = _override_keys(overrides)
-    for key in SECRET_FIELDS:
-        if key in override_keys:  # a token on the command line ends up in shell history, ps and trackers' metadata
-            raise RecipeError(f"command line: --{key} holds a credential; set HF_TOKEN in the environment instead")
+    _check_keys(source, values, override_keys, types)
     for key, value in values.items():
         if key in override_keys:
             continue  # the command line's value replaces it, and argparse checks that one
@@ -333,11 +333,10 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
             values[key] = value = [value]  # `lora_target_modules: all-linear` means the one-item list
         _check_type(source, key, value, *types[key])
 
-    parser = _make_parser(classes, source, override_keys)
     parser.set_defaults(**{k: v for k, v in values.items() if k not in override_keys})
     namespace, unknown = parser.parse_known_args(list(overrides or []))
     if unknown:
-        raise RecipeError(f"command line: unknown option {unknown[0]!r}; 'qlora-pipeline keys' lists the keys")
+        raise _unknown_option(unknown[0])
     merged = vars(namespace)
     origin = {key: ("command line" if key in override_keys else source) for key in merged}
 
@@ -368,6 +367,25 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         publish=publish,
         launcher_changes=launcher_changes,
     )
+
+
+def _check_keys(source: str, values: dict[str, Any], override_keys: set[str], known) -> None:
+    """Unknown keys in the file, then credentials in the file or on the command line. `known`: every key."""
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise RecipeError(f"{source}: unknown key '{key}'{hint}; 'qlora-pipeline keys' lists them all")
+    for key in SECRET_FIELDS:
+        if values.get(key):
+            raise RecipeError(f"{source}: key '{key}' holds a credential; set HF_TOKEN in the environment instead")
+    for key in SECRET_FIELDS:
+        if key in override_keys:  # a token on the command line ends up in shell history, ps and trackers' metadata
+            raise RecipeError(f"command line: --{key} holds a credential; set HF_TOKEN in the environment instead")
+
+
+def _unknown_option(token: str) -> RecipeError:
+    return RecipeError(f"command line: unknown option {token!r}; 'qlora-pipeline keys' lists the keys")
 
 
 def _read_yaml(source: str) -> dict[str, Any]:
@@ -520,6 +538,9 @@ def _adapt_to_hardware(values: dict[str, Any]) -> list[str]:
     if renamed:  # the old names then mirror the new ones, without a deprecation warning
         values["gradient_checkpointing"] = values["gradient_checkpointing_kwargs"] = None
     values["include_num_input_tokens_seen"] = "non_padding"
+    # No metric is computed from evaluation logits: evaluation asks for the loss only, which PipelineSFTTrainer
+    # computes on the labelled positions (with logits wanted, TRL recomputes them for every position).
+    values["prediction_loss_only"] = True
 
     if not torch.cuda.is_available():
         if values["fp16"] or values["bf16"]:

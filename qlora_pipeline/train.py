@@ -11,6 +11,7 @@ A run folder holds:
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import json
@@ -175,7 +176,9 @@ def keep_adapter_dtype(model) -> None:
 def build_trainer(recipe: Recipe, prepared: PreparedData, callbacks=None):
     """The base model (quantized as the recipe says), its LoRA adapter and the SFTTrainer. Returns (trainer, notes)."""
     from transformers import set_seed
-    from trl import SFTTrainer
+
+    from qlora_pipeline import packing
+    from qlora_pipeline.trainer import PipelineSFTTrainer
 
     # The LoRA A matrices start random: seeded here, the same recipe starts from the same adapter (the Trainer only
     # seeds once the model exists).
@@ -183,15 +186,49 @@ def build_trainer(recipe: Recipe, prepared: PreparedData, callbacks=None):
     model, notes = modeling.load_model(recipe.model, recipe.training, prepared.tokenizer, prepared.template)
     if recipe.model.use_peft:
         model = modeling.add_lora(model, recipe.model)
-    trainer = SFTTrainer(
+    args, collator = recipe.training, None
+    train_set = prepared.train.dataset.remove_columns(["n_tokens"])
+    eval_set = prepared.eval.dataset.remove_columns(["n_tokens"]) if prepared.eval else None
+    if args.packing:
+        # The pipeline packs: rows of at most max_length with per-example positions (TRL would flatten each batch
+        # into one row). TRL gets the finished rows and trains on them as they are.
+        completion_only = bool(args.completion_only_loss)
+        train_set = packing.pack(train_set, args.max_length, completion_only)
+        if eval_set is not None and args.eval_packing is not False:
+            eval_set = packing.pack(eval_set, args.max_length, completion_only)
+        collator = packing.PackedRowsCollator(prepared.tokenizer.pad_token_id)
+        args = copy.copy(args)
+        args.packing = False
+        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    trainer = PipelineSFTTrainer(
         model=model,
-        args=recipe.training,
-        train_dataset=prepared.train.dataset.remove_columns(["n_tokens"]),
-        eval_dataset=prepared.eval.dataset.remove_columns(["n_tokens"]) if prepared.eval else None,
+        args=args,
+        data_collator=collator,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
         processing_class=prepared.tokenizer,
         callbacks=callbacks,
     )
+    match_adapter_to_compute_dtype(trainer.model)
     return trainer, notes
+
+
+def match_adapter_to_compute_dtype(model) -> None:
+    """TRL casts a QLoRA adapter to bfloat16 (the QLoRA paper's choice, for bf16 compute on a GPU). Where the 4-bit
+    layers compute in float32 (on a CPU), that only adds a cast of every activation into and out of each adapter
+    and runs its matmuls in slow bf16, so the adapter is kept in float32 there (measured: see docs/performance.md)."""
+    import torch
+
+    if not getattr(model, "is_loaded_in_4bit", False):
+        return
+    import bitsandbytes as bnb
+
+    compute = {m.compute_dtype for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
+    if compute != {torch.float32}:
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 CHECKPOINT_WEIGHTS = (
@@ -269,9 +306,8 @@ def final_eval(trainer) -> dict:
 
 
 def non_padding_fraction(trainer, max_batches: int = 32) -> float | None:
-    """Share of real tokens in the training batches, from the first batches in dataset order (no RNG used).
-
-    Packed rows are padding-free (1.0); padded batches show what padding to the longest example costs."""
+    """Share of real tokens in the training batches, from the first batches in dataset order (no RNG used): what
+    padding each batch to its longest row (packed) or example (unpacked) costs."""
     dataset, collate = trainer.train_dataset, trainer.data_collator
     size = trainer.args.per_device_train_batch_size
     real = total = 0
@@ -279,7 +315,9 @@ def non_padding_fraction(trainer, max_batches: int = 32) -> float | None:
         batch = collate([dataset[i] for i in range(start, min(start + size, len(dataset)))])
         total += batch["input_ids"].numel()
         mask = batch.get("attention_mask")
-        real += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        if mask is None:  # packed rows carry no mask: their padding is the pad token
+            mask = batch["input_ids"] != trainer.processing_class.pad_token_id
+        real += int(mask.sum())
     return round(real / total, 4) if total else None
 
 
@@ -324,8 +362,15 @@ def interrupted(recipe: Recipe, trainer, stop: StopOnSignal, tracker, overrides:
     )
 
 
-def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, overrides: list[str] | None = None) -> dict:
-    """Train the recipe end to end and write the run folder. Returns the summary.
+def run(
+    recipe: Recipe,
+    resume: bool = False,
+    overwrite: bool = False,
+    overrides: list[str] | None = None,
+    callbacks: list | None = None,
+) -> dict:
+    """Train the recipe end to end and write the run folder. Returns the summary. `callbacks`: extra TrainerCallbacks
+    (the benchmark's step timer).
 
     SIGINT or SIGTERM during training saves a checkpoint and raises Interrupted, whose message holds the command that
     resumes the run (`overrides`: the command line's `--key value` pairs, repeated in it)."""
@@ -359,7 +404,9 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, overrides
             print(f"note: the {len(prepared.skipped)} skipped rows are listed in {run_dir / data_mod.SKIPPED_FILE}")
 
     # 3-4. Model (quantized base + LoRA) and trainer.
-    trainer, model_notes = build_trainer(recipe, prepared, callbacks=[MetricsFile(run_dir / "metrics.jsonl")])
+    trainer, model_notes = build_trainer(
+        recipe, prepared, callbacks=[MetricsFile(run_dir / "metrics.jsonl"), *(callbacks or [])]
+    )
     notes += model_notes
     if state.is_main_process:
         for note in model_notes:

@@ -73,27 +73,61 @@ def prepared_rows(recipe):
 
 
 def test_packed_batch_matches_examples_run_alone(tmp_path):
-    recipe, prepared, trainer = _trainer(tmp_path, per_device_train_batch_size=2)
+    """Every example of a packed batch (rows of at most max_length, padded to the longest, no attention mask) gets
+    exactly the logits it gets run alone, padding included as a block of its own."""
+    recipe, prepared, trainer = _trainer(tmp_path, per_device_train_batch_size=3)
     batch = next(iter(trainer.get_train_dataloader()))
     assert "attention_mask" not in batch, "a 2-D mask would make packed examples attend to each other"
-    positions = batch["position_ids"][0]
-    starts = (positions == 0).nonzero().flatten().tolist() + [positions.numel()]
-    assert len(starts) > 3, "the packed row holds several examples"
+    rows, width = batch["input_ids"].shape
+    assert rows == 3 and width <= recipe.training.max_length, "rows stay rows, never one flattened row per batch"
+    pad = prepared.tokenizer.pad_token_id
+    assert (batch["input_ids"] == pad).any(), "rows are padded to the longest (the control below needs padding)"
 
     model = trainer.model.eval()
+    worst, examples = 0.0, 0
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
-        worst = 0.0
-        for begin, end in zip(starts[:-1], starts[1:]):
-            alone = model(input_ids=batch["input_ids"][:, begin:end], use_cache=False).logits[0]
-            worst = max(worst, (packed[begin:end] - alone).abs().max().item())
-        # Control: the same packed row with an all-ones 2-D mask lets later examples see earlier ones.
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        for row in range(rows):
+            positions = batch["position_ids"][row]
+            real = int((batch["input_ids"][row] != pad).sum())
+            starts = [i for i in (positions[:real] == 0).nonzero().flatten().tolist()] + [real]
+            for begin, end in zip(starts[:-1], starts[1:]):
+                alone = model(input_ids=batch["input_ids"][row : row + 1, begin:end], use_cache=False).logits[0]
+                worst = max(worst, (packed[row, begin:end] - alone).abs().max().item())
+                examples += 1
+        # Control: the same rows with an all-ones 2-D mask let later examples see earlier ones.
         leaky = model(
             input_ids=batch["input_ids"], attention_mask=torch.ones_like(batch["input_ids"]), use_cache=False
-        ).logits[0]
+        ).logits
+    assert examples > rows, "the rows hold several examples each"
     assert worst < 1e-4, f"packed logits differ from per-example logits by {worst}"
-    second = slice(starts[1], starts[2])
-    assert (leaky[second] - packed[second]).abs().max().item() > 1e-2
+    first_row = batch["position_ids"][0]
+    second = slice(*(first_row == 0).nonzero().flatten().tolist()[1:3])
+    assert (leaky[0, second] - packed[0, second]).abs().max().item() > 1e-2
+
+
+def test_labels_skip_prompts_and_each_examples_first_token(tmp_path):
+    recipe, prepared, trainer = _trainer(tmp_path, per_device_train_batch_size=2)
+    batch = next(iter(trainer.get_train_dataloader()))
+    labels, positions = batch["labels"], batch["position_ids"]
+    assert (labels[positions == 0] == -100).all(), "no example is predicted from the end of the one before it"
+    trained = labels != -100
+    assert (batch["input_ids"][trained] == labels[trained]).all()
+    assert 0 < trained.sum() < (batch["input_ids"] != prepared.tokenizer.pad_token_id).sum(), "prompts are masked"
+
+
+def test_loss_on_labelled_positions_equals_the_full_logits_loss(tmp_path):
+    """The trainer's loss (logits of labelled positions only) is the cross-entropy of the full logits."""
+    recipe, prepared, trainer = _trainer(tmp_path, per_device_train_batch_size=2)
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model.eval()
+    with torch.no_grad():
+        ours = trainer.compute_loss(model, dict(batch))
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        full = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)).float(), batch["labels"][:, 1:].reshape(-1), ignore_index=-100
+        )
+    assert abs(ours.item() - full.item()) < 1e-5, (ours.item(), full.item())
 
 
 def test_training_changes_lora_only_through_4bit_layers(tmp_path):

@@ -1,0 +1,414 @@
+"""Training throughput: the tutorial loop, plain TRL, and this pipeline, on the same model, data, length and steps.
+
+    python benchmarks/throughput.py                       # both shapes, 30 steps, re_gad rows if present
+    python benchmarks/throughput.py --shapes small --steps 5 --rows 64 --out /tmp/t.json   # CI-sized
+
+Each configuration runs in its own process (so peak memory is its own), one after the other, in one invocation:
+
+  a. tutorial  the loop the project started from: every example padded to max_length, full fine-tuning of the
+               float32 model, plain torch.optim.Adam, batch 8, loss on every non-padding token.
+  b. trl       plain TRL SFTTrainer + peft QLoRA (4-bit NF4 + double quant, LoRA r 8 on all linear layers), with
+               packing, otherwise TRL's defaults; batch 4, gradient checkpointing.
+  c. pipeline  `qlora_pipeline.train.run` with the demo recipe's settings (the Starling recipe's, on this model):
+               4-bit NF4 + double quant, LoRA r 8 all-linear, packing, gradient checkpointing; batch 4.
+
+Measured for each: non-padding tokens per second (real tokens trained on / training time), padding fraction,
+non-padding tokens per optimizer step, peak memory (RSS on CPU, torch.cuda.max_memory_allocated on GPU), the growth of
+memory over training (peak during training less the memory in use right before it), wall time of the process,
+median step time; and the ratios pipeline/tutorial and pipeline/trl. Beside each measured growth, the memory
+planner's prediction of it (`qlora_pipeline.plan.predict(...).training_growth`).
+
+Models: Starling-shaped random-weight models built by the project (`embedded:starling-small`, 18.7 M parameters;
+`embedded:starling-base`, 99.5 M) with Starling's real tokenizer. Data: the first --rows rows of
+../shared/data/medtuned/re_gad-train.jsonl when present, else the bundled MedTuned-schema sample; both rendered in
+Starling's chat format, the loss on the answer only where the configuration supports it (b, c).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_GAD = REPO.parent / "shared" / "data" / "medtuned" / "re_gad-train.jsonl"
+BUNDLED = REPO / "qlora_pipeline" / "samples" / "medtuned_sample.jsonl"
+# tiny: the demo model, for the CI-sized run; small and base: the shapes of the issue's measurements.
+SHAPES = {"tiny": "embedded:tiny-starling", "small": "embedded:starling-small", "base": "embedded:starling-base"}
+CONFIGS = ("tutorial", "trl", "pipeline")
+MAX_LENGTH = 512
+LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
+FIELDS = (
+    "config",
+    "shape",
+    "steps",
+    "non_padding_tokens_per_second",
+    "padding_fraction",
+    "tokens_per_step",
+    "peak_memory_mib",
+    "memory_growth_mib",
+    "predicted_growth_mib",
+    "wall_time_s",
+    "train_time_s",
+    "median_step_s",
+)
+
+
+# ---------------------------------------------------------------- shared by the workers
+
+
+def rss_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_mib() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_mib() -> float:
+    import torch
+
+    return torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else rss_mib()
+
+
+def read_rows(data: str, rows: int) -> list[dict]:
+    lines = Path(data).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()][:rows]
+
+
+def messages(row: dict) -> list[dict]:
+    from qlora_pipeline.templates import get_template
+
+    template = get_template("starling")
+    return template.messages(row["instruction"], row.get("input"), row["output"])
+
+
+class StepTimer:
+    """Wall time of each optimizer step (TrainerCallback protocol, duck-typed so this file imports nothing heavy)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.memory_before: float | None = None
+        self._start = 0.0
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                timer.memory_before = current_mib()
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                timer._start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                timer.times.append(time.perf_counter() - timer._start)
+
+        return _Callback()
+
+
+# ---------------------------------------------------------------- a. the tutorial loop
+
+
+def run_tutorial(model_dir: str, rows: list[dict], steps: int, batch_size: int = 8) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.pad_token = "<|pad_0|>"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.train()
+    texts = [tokenizer.apply_chat_template(messages(row), tokenize=False) for row in rows]
+    # As the tutorial did: every example padded (and cut) to a fixed length.
+    encoded = tokenizer(
+        texts,
+        padding="max_length",
+        truncation=True,
+        max_length=MAX_LENGTH,
+        add_special_tokens=False,
+        return_tensors="pt",
+    )
+    labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-5)
+    memory_before = current_mib()
+    times, real_tokens, total_tokens = [], 0, 0
+    for step in range(steps):
+        index = [(step * batch_size + i) % len(rows) for i in range(batch_size)]
+        start = time.perf_counter()
+        loss = model(
+            input_ids=encoded["input_ids"][index], attention_mask=encoded["attention_mask"][index], labels=labels[index]
+        ).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+        real_tokens += int(encoded["attention_mask"][index].sum())
+        total_tokens += encoded["input_ids"][index].numel()
+    return {
+        "times": times,
+        "tokens": real_tokens,
+        "padding_fraction": 1 - real_tokens / total_tokens,
+        "memory_before": memory_before,
+    }
+
+
+# ---------------------------------------------------------------- b. plain TRL
+
+
+def run_trl(model_dir: str, rows: list[dict], steps: int, output_dir: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.pad_token = "<|pad_0|>"
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, dtype=dtype)
+    dataset = Dataset.from_list([{"prompt": messages(row)[:-1], "completion": messages(row)[-1:]} for row in rows])
+    args = SFTConfig(
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        max_length=MAX_LENGTH,
+        packing=True,
+        gradient_checkpointing=True,
+        bf16=cuda,
+        use_cpu=not cuda,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+    )
+    timer = StepTimer()
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**LORA),
+        callbacks=[timer.callback()],
+    )
+    padding = _padding_fraction(trainer)
+    trainer.train()
+    return {
+        "times": timer.times,
+        "tokens": trainer.state.num_input_tokens_seen,
+        "padding_fraction": padding,
+        "memory_before": timer.memory_before,
+    }
+
+
+def _padding_fraction(trainer) -> float:
+    from qlora_pipeline.train import non_padding_fraction
+
+    share = non_padding_fraction(trainer)
+    return 0.0 if share is None else round(1 - share, 4)
+
+
+# ---------------------------------------------------------------- c. this pipeline
+
+
+def pipeline_recipe(model: str, data: str, rows: int, steps: int, output_dir: str) -> list[str]:
+    """The demo recipe on this model and data, and the command-line overrides that set the run length."""
+    return [
+        str(REPO / "recipes" / "tiny-starling-medtuned-qlora.yaml"),
+        "--model_name_or_path", model,
+        "--dataset_name", data,
+        "--max_train_samples", str(rows),
+        "--eval_split_size", "0",
+        "--output_dir", output_dir,
+        "--max_steps", str(steps),
+        "--per_device_train_batch_size", "4",
+        "--gradient_accumulation_steps", "1",
+        "--eval_strategy", "no",
+        "--save_strategy", "no",
+        "--logging_steps", "1",
+        "--report_to", "none",
+        "--disable_tqdm", "true",
+    ]  # fmt: skip
+
+
+def run_pipeline(model: str, data: str, rows: int, steps: int, output_dir: str) -> dict:
+    from qlora_pipeline import train
+    from qlora_pipeline.config import load_recipe
+
+    source, *overrides = pipeline_recipe(model, data, rows, steps, output_dir)
+    recipe = load_recipe(source, overrides)
+    timer = StepTimer()
+    summary = train.run(recipe, overwrite=True, overrides=overrides, callbacks=[timer.callback()])
+    share = summary.get("non_padding_fraction")
+    return {
+        "times": timer.times,
+        "tokens": summary["tokens_seen"],
+        "padding_fraction": 0.0 if share is None else round(1 - share, 4),
+        "memory_before": timer.memory_before,
+        "recipe": recipe,
+    }
+
+
+def predicted_growth_mib(recipe_args: list[str]) -> float | None:
+    """The memory planner's prediction of what training adds, for the pipeline's recipe."""
+    try:
+        from qlora_pipeline import plan
+        from qlora_pipeline.config import load_recipe
+    except ImportError:
+        return None
+    source, *overrides = recipe_args
+    prediction = plan.predict(load_recipe(source, overrides))
+    return round(prediction.training_growth / 2**20, 1)
+
+
+# ---------------------------------------------------------------- one configuration, in its own process
+
+
+def worker(config: str, shape: str, data: str, rows_n: int, steps: int, out: str) -> None:
+    from qlora_pipeline import tiny
+
+    started = time.time()
+    rows = read_rows(data, rows_n)
+    model_dir = tiny.resolve_model(SHAPES[shape])
+    with tempfile.TemporaryDirectory(prefix=f"bench-{config}-") as scratch:
+        if config == "tutorial":
+            result = run_tutorial(model_dir, rows, steps)
+        elif config == "trl":
+            result = run_trl(model_dir, rows, steps, scratch)
+        else:
+            result = run_pipeline(SHAPES[shape], data, rows_n, steps, str(Path(scratch) / "run"))
+    times = result["times"]
+    peak = peak_mib()
+    record = {
+        "config": config,
+        "shape": shape,
+        "steps": len(times),
+        "non_padding_tokens_per_second": round(result["tokens"] / sum(times), 1),
+        "padding_fraction": round(result["padding_fraction"], 4),
+        "tokens_per_step": round(result["tokens"] / len(times), 1),
+        "peak_memory_mib": round(peak, 1),
+        "memory_growth_mib": round(peak - result["memory_before"], 1),
+        "predicted_growth_mib": None,
+        "wall_time_s": round(time.time() - started, 1),
+        "train_time_s": round(sum(times), 2),
+        "median_step_s": round(statistics.median(times), 3),
+    }
+    if config == "pipeline":
+        with tempfile.TemporaryDirectory() as scratch:
+            record["predicted_growth_mib"] = predicted_growth_mib(
+                pipeline_recipe(SHAPES[shape], data, rows_n, steps, scratch)
+            )
+    Path(out).write_text(json.dumps(record))
+
+
+# ---------------------------------------------------------------- the table
+
+
+def ratio(numerator: dict, denominator: dict) -> float:
+    return round(numerator["non_padding_tokens_per_second"] / denominator["non_padding_tokens_per_second"], 2)
+
+
+def table(results: list[dict]) -> str:
+    header = (
+        "| shape | config | non-padding tok/s | padding | tokens/step | median step s | peak MiB | growth MiB "
+        "(planned) | wall s |"
+    )
+    lines = [header, "|" + "---|" * 9]
+    for r in results:
+        planned = f" ({r['predicted_growth_mib']:.0f})" if r.get("predicted_growth_mib") is not None else ""
+        lines.append(
+            f"| {r['shape']} | {r['config']} | {r['non_padding_tokens_per_second']:.1f} | {r['padding_fraction']:.1%} "
+            f"| {r['tokens_per_step']:.0f} | {r['median_step_s']:.3f} | {r['peak_memory_mib']:.0f} "
+            f"| {r['memory_growth_mib']:.0f}{planned} | {r['wall_time_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["small", "base"])
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per configuration (default 30)")
+    parser.add_argument("--rows", type=int, default=512, help="rows of the data used (default 512)")
+    parser.add_argument(
+        "--data", default=None, help="JSONL rows (instruction/input/output); default: re_gad if present"
+    )
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "throughput.json"))
+    parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-shape", choices=sorted(SHAPES), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    data = args.data or str(SHARED_GAD if SHARED_GAD.is_file() else BUNDLED)
+    if args.worker:
+        worker(args.worker, args.worker_shape, data, args.rows, args.steps, args.worker_out)
+        return 0
+
+    import torch  # only for the device line
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    print(f"device: {device}; data: {data} (first {args.rows} rows); {args.steps} steps; max length {MAX_LENGTH}")
+    results = []
+    for shape in args.shapes:
+        for config in args.configs:
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                command = [
+                    sys.executable, __file__, "--worker", config, "--worker-shape", shape, "--worker-out", out.name,
+                    "--data", data, "--rows", str(args.rows), "--steps", str(args.steps),
+                ]  # fmt: skip
+                print(f"running {shape}/{config} …", flush=True)
+                done = subprocess.run(
+                    command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+                )
+                if done.returncode != 0:
+                    print(done.stderr[-3000:], file=sys.stderr)
+                    return 1
+                results.append(json.loads(Path(out.name).read_text()))
+                print(table(results[-1:]).splitlines()[-1], flush=True)
+    ratios = {}
+    for shape in args.shapes:
+        by_config = {r["config"]: r for r in results if r["shape"] == shape}
+        if "pipeline" in by_config:
+            for other in ("tutorial", "trl"):
+                if other in by_config:
+                    ratios[f"{shape}: pipeline/{other}"] = ratio(by_config["pipeline"], by_config[other])
+    print()
+    print(table(results))
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}x non-padding tokens per second")
+    report = {
+        "command": " ".join([Path(sys.executable).name, "benchmarks/throughput.py", *(argv or sys.argv[1:])]),
+        "device": device,
+        "data": data,
+        "rows": args.rows,
+        "steps": args.steps,
+        "max_length": MAX_LENGTH,
+        "results": results,
+        "ratios": ratios,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
