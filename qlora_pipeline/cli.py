@@ -129,6 +129,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_arguments(chat)
     chat.set_defaults(handler=cmd_chat)
 
+    plan = commands.add_parser(
+        "plan",
+        help="predict a recipe's peak training memory from the model's config alone (no weights, no download)",
+        description="Predict the peak memory of training a recipe on one device: the model is built on the meta "
+        "device from its config (embedded, local folder, Hugging Face cache, or the configs shipped with "
+        "qlora-pipeline) and each part of a training step is counted. Without --gpu-memory it plans what would run "
+        "on this machine (on a machine without CUDA: float32, no mixed precision, as `train` adapts the recipe). "
+        "Exit status: 0 when the plan fits --gpu-memory (or none is given), 1 when it does not, 2 on bad input.",
+        epilog=OVERRIDES_HELP,
+    )
+    plan.add_argument("recipe", help="recipe YAML file")
+    plan.add_argument(
+        "--gpu-memory",
+        metavar="SIZE",
+        help="plan for one CUDA GPU of this size (24GiB, 24GB, 16000MiB), with fp16/bf16 and dtype as the recipe and "
+        "command line write them (read back from the file: on a machine without CUDA, loading a recipe switches "
+        "them off); says whether it fits and the largest per-device batch that does",
+    )
+    plan.add_argument("--batch-size", metavar="N", help="per-device batch (default: per_device_train_batch_size)")
+    plan.add_argument("--max-length", metavar="N", help="tokens per sequence (default: the recipe's max_length)")
+    plan.add_argument(
+        "--labelled-fraction",
+        metavar="F",
+        help="share (0-1] of a batch's positions the loss computes logits for: where some row of the batch has a "
+        "label (default: measured on the recipe's data where it is local, else 1, an upper bound)",
+    )
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON (sizes in bytes)")
+    plan.set_defaults(handler=cmd_plan)
+
     keys = commands.add_parser("keys", help="list every recipe key with its type, default and help")
     keys.set_defaults(handler=cmd_keys)
     return parser
@@ -367,6 +396,59 @@ def cmd_chat(args, extra: list[str]) -> int:
     return infer.run_chat(
         args.model, options=_generation_options(args), merged=args.merged, show_prompt=args.show_prompt
     )
+
+
+def cmd_plan(args, overrides: list[str]) -> int:
+    """Print the memory plan; exit 1 if it does not fit --gpu-memory."""
+    import json
+
+    from qlora_pipeline import plan
+    from qlora_pipeline.config import load_recipe
+
+    budget = plan.parse_size(args.gpu_memory) if args.gpu_memory is not None else None
+    batch_size = _positive_int("--batch-size", args.batch_size)
+    max_length = _positive_int("--max-length", args.max_length)
+    fraction = _fraction("--labelled-fraction", args.labelled_fraction)
+    recipe = load_recipe(args.recipe, overrides)
+    _quiet_libraries()
+    device = "cuda" if budget is not None else plan.this_machine()
+    written = plan.written_precision(args.recipe, overrides) if device == "cuda" else None
+    facts = plan.model_facts(recipe, plan.precision_for(recipe, device, written))
+    shape = {"max_length": max_length, "labelled_fraction": fraction}
+    result = plan.plan_from_facts(facts, recipe, batch_size=batch_size, **shape)
+    largest = plan.largest_batch_size(facts, recipe, budget, **shape) if budget is not None else None
+    fits = budget is None or result.total <= budget
+    if args.json:
+        values = result.to_dict()
+        if budget is not None:
+            values.update(gpu_memory=budget, fits=fits, largest_batch_size=largest)
+        print(json.dumps(values, indent=2))
+    else:
+        print(f"== qlora-pipeline plan: {args.recipe} ==")
+        print(plan.format_plan(result, budget, largest))
+    return 0 if fits else 1
+
+
+def _fraction(option: str, text: str | None) -> float | None:
+    """An option's value as a share in (0, 1] (None if not given); anything else is a one-line error."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise PipelineError(f"{option}: {text!r} is not a share between 0 (excluded) and 1")
+    return value
+
+
+def _positive_int(option: str, text: str | None) -> int | None:
+    """An option's value as a positive integer (None if not given); anything else is a one-line error."""
+    if text is None:
+        return None
+    if not text.strip().isdigit() or int(text) < 1:
+        raise PipelineError(f"{option}: {text!r} is not a positive whole number")
+    return int(text)
 
 
 def cmd_keys(args, extra: list[str]) -> int:
