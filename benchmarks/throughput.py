@@ -27,6 +27,7 @@ Starling's chat format, the loss on the answer only where the configuration supp
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -34,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -94,12 +96,48 @@ def messages(row: dict) -> list[dict]:
     return template.messages(row["instruction"], row.get("input"), row["output"])
 
 
+class PeakSampler:
+    """Peak memory between start() and stop(): CUDA's own peak counter, or on a CPU the resident set sampled every
+    2 ms in a thread (ru_maxrss would also count the model load's peak)."""
+
+    def __init__(self):
+        self.before = self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        import torch
+
+        gc.collect()
+        self.before = self.peak = current_mib()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            return
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, rss_mib())
+
+    def stop(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            self.peak = torch.cuda.max_memory_allocated() / 2**20
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, rss_mib())
+
+
 class StepTimer:
     """Wall time of each optimizer step (TrainerCallback protocol, duck-typed so this file imports nothing heavy)."""
 
     def __init__(self):
         self.times: list[float] = []
-        self.memory_before: float | None = None
+        self.memory = PeakSampler()
         self._start = 0.0
 
     def callback(self):
@@ -109,7 +147,10 @@ class StepTimer:
 
         class _Callback(TrainerCallback):
             def on_train_begin(self, args, state, control, **kwargs):
-                timer.memory_before = current_mib()
+                timer.memory.start()
+
+            def on_train_end(self, args, state, control, **kwargs):
+                timer.memory.stop()
 
             def on_step_begin(self, args, state, control, **kwargs):
                 timer._start = time.perf_counter()
@@ -143,7 +184,8 @@ def run_tutorial(model_dir: str, rows: list[dict], steps: int, batch_size: int =
     )
     labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-5)
-    memory_before = current_mib()
+    memory = PeakSampler()
+    memory.start()
     times, real_tokens, total_tokens = [], 0, 0
     for step in range(steps):
         index = [(step * batch_size + i) % len(rows) for i in range(batch_size)]
@@ -157,12 +199,8 @@ def run_tutorial(model_dir: str, rows: list[dict], steps: int, batch_size: int =
         times.append(time.perf_counter() - start)
         real_tokens += int(encoded["attention_mask"][index].sum())
         total_tokens += encoded["input_ids"][index].numel()
-    return {
-        "times": times,
-        "tokens": real_tokens,
-        "padding_fraction": 1 - real_tokens / total_tokens,
-        "memory_before": memory_before,
-    }
+    memory.stop()
+    return {"times": times, "tokens": real_tokens, "padding_fraction": 1 - real_tokens / total_tokens, "memory": memory}
 
 
 # ---------------------------------------------------------------- b. plain TRL
@@ -214,7 +252,7 @@ def run_trl(model_dir: str, rows: list[dict], steps: int, output_dir: str) -> di
         "times": timer.times,
         "tokens": trainer.state.num_input_tokens_seen,
         "padding_fraction": padding,
-        "memory_before": timer.memory_before,
+        "memory": timer.memory,
     }
 
 
@@ -261,8 +299,7 @@ def run_pipeline(model: str, data: str, rows: int, steps: int, output_dir: str) 
         "times": timer.times,
         "tokens": summary["tokens_seen"],
         "padding_fraction": 0.0 if share is None else round(1 - share, 4),
-        "memory_before": timer.memory_before,
-        "recipe": recipe,
+        "memory": timer.memory,
     }
 
 
@@ -274,7 +311,11 @@ def predicted_growth_mib(recipe_args: list[str]) -> float | None:
     except ImportError:
         return None
     source, *overrides = recipe_args
-    prediction = plan.predict(load_recipe(source, overrides))
+    try:
+        prediction = plan.predict(load_recipe(source, overrides))
+    except Exception as exc:  # a planner bug must not lose the measurements
+        print(f"warning: no memory plan: {exc}", file=sys.stderr)
+        return None
     return round(prediction.training_growth / 2**20, 1)
 
 
@@ -295,7 +336,7 @@ def worker(config: str, shape: str, data: str, rows_n: int, steps: int, out: str
         else:
             result = run_pipeline(SHAPES[shape], data, rows_n, steps, str(Path(scratch) / "run"))
     times = result["times"]
-    peak = peak_mib()
+    memory = result["memory"]
     record = {
         "config": config,
         "shape": shape,
@@ -303,8 +344,8 @@ def worker(config: str, shape: str, data: str, rows_n: int, steps: int, out: str
         "non_padding_tokens_per_second": round(result["tokens"] / sum(times), 1),
         "padding_fraction": round(result["padding_fraction"], 4),
         "tokens_per_step": round(result["tokens"] / len(times), 1),
-        "peak_memory_mib": round(peak, 1),
-        "memory_growth_mib": round(peak - result["memory_before"], 1),
+        "peak_memory_mib": round(max(memory.peak, peak_mib()), 1),
+        "memory_growth_mib": round(memory.peak - memory.before, 1),
         "predicted_growth_mib": None,
         "wall_time_s": round(time.time() - started, 1),
         "train_time_s": round(sum(times), 2),

@@ -378,9 +378,8 @@ def run(
 
     started = time.time()
     args = recipe.training
-    _ = (
-        args.device
-    )  # the training arguments set up the process group first, with their backend (gloo under DeepSpeed on CPU)
+    # The training arguments set up the process group first, with their backend (gloo under DeepSpeed on CPU).
+    _ = args.device
     state = PartialState()
     run_dir = Path(args.output_dir)
 
