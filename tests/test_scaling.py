@@ -5,6 +5,7 @@ see), not two copies each training alone as rank 0 of 1."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -389,12 +390,26 @@ def _wait_for_checkpoint(run_dir: Path, step: int, process: subprocess.Popen, ti
     raise AssertionError(f"no checkpoint-{step} within {timeout} s")
 
 
+def _kill_everything_started_for(recipe: Path, launcher: subprocess.Popen) -> None:
+    """SIGKILL the launcher's process group and every worker training this recipe: torchrun may start its workers
+    in process groups of their own, and a surviving worker would go on training."""
+    import psutil
+
+    workers = [p for p in psutil.process_iter(["cmdline"]) if str(recipe) in " ".join(p.info["cmdline"] or [])]
+    os.killpg(launcher.pid, signal.SIGKILL)
+    for worker in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()
+    launcher.wait()
+    psutil.wait_procs(workers, timeout=30)
+
+
 @pytest.mark.slow
 def test_ddp_run_killed_after_a_checkpoint_resumes_under_the_same_config(tmp_path):
     """SIGKILL to the whole launcher (no chance to save): the resumed run starts from the last complete checkpoint,
     still on 2 processes, and finishes."""
     recipe = write_recipe(tmp_path / "recipe.yaml", output_dir=str(tmp_path / "run"))
-    args = ("train", str(recipe), "--max_steps", "8", "--save_strategy", "steps", "--save_steps", "2", *QUICK)
+    args = ("train", str(recipe), "--max_steps", "40", "--save_strategy", "steps", "--save_steps", "2", *QUICK)
     process = subprocess.Popen(
         _launch_command("cpu/ddp.yaml", *args),
         cwd=REPO,
@@ -406,13 +421,15 @@ def test_ddp_run_killed_after_a_checkpoint_resumes_under_the_same_config(tmp_pat
     try:
         _wait_for_checkpoint(tmp_path / "run", 2, process, timeout=300)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    assert not (tmp_path / "run" / "summary.json").exists(), "the run was killed before it finished"
+        _kill_everything_started_for(recipe, process)
+    from qlora_pipeline.train import checkpoints
+
+    killed_at = max(int(path.name.split("-")[1]) for path in checkpoints(tmp_path / "run")[0])
+    assert killed_at < 40 and not (tmp_path / "run" / "summary.json").exists(), "killed before it finished"
 
     resumed = launch("cpu/ddp.yaml", *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     summary = _summary(tmp_path / "run")
     assert summary["launcher"]["distributed_type"] == "MULTI_CPU" and summary["processes"] == 2
     assert len({rank["pid"] for rank in summary["launcher"]["ranks"]}) == 2
-    assert summary["resumed_from_step"] >= 2 and summary["global_step"] == 8, summary
+    assert summary["resumed_from_step"] == killed_at and summary["global_step"] == 40, summary
