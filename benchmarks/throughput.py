@@ -30,7 +30,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from qlora_pipeline.train import current_memory_mib, peak_memory_mib
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_GAD = REPO.parent / "shared" / "data" / "medtuned" / "re_gad-train.jsonl"
@@ -66,24 +67,6 @@ FIELDS = (
 # ---------------------------------------------------------------- shared by the workers
 
 
-def rss_mib() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_mib() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def current_mib() -> float:
-    import torch
-
-    return torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else rss_mib()
-
-
 def read_rows(data: str, rows: int) -> list[dict]:
     lines = Path(data).read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines if line.strip()][:rows]
@@ -109,7 +92,7 @@ class PeakSampler:
         import torch
 
         gc.collect()
-        self.before = self.peak = current_mib()
+        self.before = self.peak = current_memory_mib()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
             return
@@ -118,7 +101,7 @@ class PeakSampler:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.002):
-            self.peak = max(self.peak, rss_mib())
+            self.peak = max(self.peak, current_memory_mib())
 
     def stop(self) -> None:
         import torch
@@ -129,7 +112,7 @@ class PeakSampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.peak = max(self.peak, rss_mib())
+        self.peak = max(self.peak, current_memory_mib())
 
 
 class StepTimer:
@@ -344,7 +327,7 @@ def worker(config: str, shape: str, data: str, rows_n: int, steps: int, out: str
         "non_padding_tokens_per_second": round(result["tokens"] / sum(times), 1),
         "padding_fraction": round(result["padding_fraction"], 4),
         "tokens_per_step": round(result["tokens"] / len(times), 1),
-        "peak_memory_mib": round(max(memory.peak, peak_mib()), 1),
+        "peak_memory_mib": round(max(memory.peak, peak_memory_mib()), 1),
         "memory_growth_mib": round(memory.peak - memory.before, 1),
         "predicted_growth_mib": None,
         "wall_time_s": round(time.time() - started, 1),

@@ -412,8 +412,7 @@ def cmd_plan(args, overrides: list[str]) -> int:
     recipe = load_recipe(args.recipe, overrides)
     _quiet_libraries()
     device = "cuda" if budget is not None else plan.this_machine()
-    written = plan.written_precision(args.recipe, overrides) if device == "cuda" else None
-    facts = plan.model_facts(recipe, plan.precision_for(recipe, device, written))
+    facts = plan.model_facts(recipe, plan.precision_for(recipe, device))
     shape = {"max_length": max_length, "labelled_fraction": fraction}
     result = plan.plan_from_facts(facts, recipe, batch_size=batch_size, **shape)
     largest = plan.largest_batch_size(facts, recipe, budget, **shape) if budget is not None else None

@@ -194,6 +194,18 @@ class Recipe:
     # Values distributed.adapt changed for this launcher (e.g. ddp_backend under DeepSpeed on CPU), as the recipe had
     # them: a saved recipe holds these, so it runs again under any launcher.
     launcher_changes: dict[str, Any] = field(default_factory=dict)
+    # Every value load_recipe changed for this machine and launcher (fp16 off without CUDA, …), as the recipe file and
+    # command line gave it: what a plan for another machine starts from.
+    as_written: dict[str, Any] = field(default_factory=dict)
+
+    def written(self, key: str) -> Any:
+        """A recipe value as given, before load_recipe adapted it to this machine and launcher."""
+        if key in self.as_written:
+            return self.as_written[key]
+        for part in (self.model, self.data, self.training, self.export, self.tracking):
+            if hasattr(part, key):
+                return getattr(part, key)
+        raise KeyError(key)
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, flat, as a recipe file would hold it; credentials are left out."""
@@ -341,10 +353,12 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     origin = {key: ("command line" if key in override_keys else source) for key in merged}
 
     notes = _check_combinations(merged, origin)
+    given = dict(merged)
     notes += _adapt_to_hardware(merged)
     before_launcher = dict(merged)
     notes += distributed.adapt(merged, cuda=_cuda_available(), fail=_failer(origin))
     launcher_changes = {key: before_launcher[key] for key in merged if merged[key] != before_launcher[key]}
+    as_written = {key: given[key] for key in merged if merged[key] != given[key]}
     publish = bool(merged["push_to_hub"])
     merged["push_to_hub"] = False
 
@@ -366,6 +380,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         notes=notes,
         publish=publish,
         launcher_changes=launcher_changes,
+        as_written=as_written,
     )
 
 

@@ -98,9 +98,6 @@ OPTIMIZER_STATES = {
 }
 ASSUMED_OPTIMIZER_STATES = (2, 4)
 
-PRECISION_KEYS = ("fp16", "bf16", "dtype", "bnb_4bit_compute_dtype")
-
-
 # ---------------------------------------------------------------------------------------------- the result
 
 
@@ -207,36 +204,14 @@ def this_machine() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def written_precision(recipe_path: str, overrides: list[str] | None = None) -> dict:
-    """fp16, bf16, dtype and bnb_4bit_compute_dtype as the recipe file and the command line give them: before
-    load_recipe turns mixed precision off and float16/bfloat16 weights into float32 on a machine without CUDA."""
-    import argparse
-
-    import yaml
-    from transformers.hf_argparser import string_to_bool
-
-    values = yaml.safe_load(Path(recipe_path).read_text(encoding="utf-8")) or {}
-    written = {key: values.get(key) for key in PRECISION_KEYS}
-    parser = argparse.ArgumentParser(add_help=False)
-    for flag in ("fp16", "bf16"):
-        parser.add_argument(f"--{flag}", type=string_to_bool, nargs="?", const=True)
-    parser.add_argument("--dtype")
-    parser.add_argument("--bnb_4bit_compute_dtype")
-    given, _ = parser.parse_known_args(list(overrides or []))
-    written.update({key: value for key, value in vars(given).items() if value is not None})
-    return written
-
-
-def precision_for(recipe, device: str, written: dict | None = None) -> Precision:
-    """The dtypes of a run of `recipe` on `device`. On "cuda" the recipe's precision keys are taken as written (from
-    `written`, else read again from the recipe file), since on a machine without CUDA load_recipe has already turned
-    them into the CPU's."""
+def precision_for(recipe, device: str) -> Precision:
+    """The dtypes of a run of `recipe` on `device`. On "cuda" the recipe's precision keys are taken as written
+    (`Recipe.written`), since on a machine without CUDA load_recipe has already turned them into the CPU's."""
     if device == "cuda":
-        values = written if written is not None else written_precision(recipe.source)
-        fp16, bf16 = bool(values.get("fp16")), bool(values.get("bf16"))
+        fp16, bf16 = bool(recipe.written("fp16")), bool(recipe.written("bf16"))
         mixed = "bfloat16" if bf16 else "float16" if fp16 else None
-        weights = values.get("dtype")
-        compute = values.get("bnb_4bit_compute_dtype") or mixed or "float32"
+        weights = recipe.written("dtype")
+        compute = recipe.written("bnb_4bit_compute_dtype") or mixed or "float32"
     else:  # what config._adapt_to_hardware does without CUDA: no mixed precision, 16-bit weights load in float32
         mixed = None
         weights = recipe.model.dtype
@@ -812,13 +787,13 @@ def predict(
 ) -> MemoryPlan:
     """Predict the peak memory of training `recipe` on one device, from its model's config alone (meta device).
 
-    device: "cpu" or "cuda" (default: this machine's). On "cuda" the recipe's fp16/bf16 and dtype are taken as
-    written in the recipe file (on a CPU machine load_recipe has switched them off); pass `precision` (see
-    `precision_for`) to plan other values. batch_size, max_length: the per-device batch and sequence length (default:
-    the recipe's). labelled_fraction: the share of a batch's positions the loss computes logits for (with the
-    pipeline's loss: the columns where some row of the batch has a label); default: estimated from the recipe's data
-    where it is local (`estimate_label_share`), else 1.0, an upper bound. loss_kernel: PIPELINE_LOSS (default) or
-    one of TRL's (TRL_CHUNKED_TORCH, TRL_CHUNKED_TRITON).
+    device: "cpu" or "cuda" (default: this machine's). On "cuda" the recipe's fp16/bf16 and dtype are taken as the
+    recipe file and command line give them (on a CPU machine load_recipe has switched them off); pass `precision`
+    (see `precision_for`) to plan other values. batch_size, max_length: the per-device batch and sequence length
+    (default: the recipe's). labelled_fraction: the share of a batch's positions the loss computes logits for (with
+    the pipeline's loss: the columns where some row of the batch has a label); default: estimated from the recipe's
+    data where it is local (`estimate_label_share`), else 1.0, an upper bound. loss_kernel: PIPELINE_LOSS (default)
+    or one of TRL's (TRL_CHUNKED_TORCH, TRL_CHUNKED_TRITON).
 
     The returned plan's `training_growth` is meant to be compared with the measured growth of memory over training:
     on CPU the peak resident set during `trainer.train()` minus the resident set right before it; on CUDA

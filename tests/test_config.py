@@ -20,6 +20,9 @@ def test_cpu_turns_mixed_precision_off_and_really_distributes(tmp_path):
     bnb = quantization_config(recipe.model, args)
     assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant
     assert bnb.bnb_4bit_compute_dtype == torch.float32
+    # What the recipe said stays known, for plans made for another machine.
+    assert recipe.written("fp16") is True and recipe.written("use_cpu") is False
+    assert recipe.written("learning_rate") == args.learning_rate
 
 
 def test_trainer_settings_the_pipeline_relies_on(tmp_path):
