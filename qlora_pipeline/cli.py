@@ -99,6 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run", metavar="RUN_DIR", help="run folder (holding summary.json and metrics.jsonl)")
     report.set_defaults(handler=cmd_report)
 
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="the task's metric on the held-out rows, untrained vs trained, as one table",
+        description="Run the recipe's task metric (F1/EM for QA, accuracy/F1/AUC for classification, symptom F1 "
+        "for the symptoms recipe…) on its held-out rows. A run folder: the untrained base ('before') and the run's "
+        "adapter ('after'). A recipe file: the untrained base. --model adds an adapter folder, a merged export or "
+        "model folder, or a Hub id. The table is saved as evaluation.json and evaluation.md in the run folder "
+        "(the recipe's output_dir).",
+        epilog=OVERRIDES_HELP,
+    )
+    evaluate.add_argument("target", metavar="RECIPE_OR_RUN", help="recipe YAML file or run folder")
+    evaluate.add_argument("--model", metavar="PATH_OR_ID", help="also evaluate this adapter, model folder or Hub id")
+    evaluate.set_defaults(handler=cmd_evaluate)
+
     generate = commands.add_parser(
         "generate",
         help="generate answers with a trained model, prompts formatted exactly as in training",
@@ -330,6 +344,14 @@ def cmd_report(args, extra: list[str]) -> int:
     for name in PLOTS:
         if (report.parent / name).is_file():
             print(f"plot:   {report.parent / name}")
+    return 0
+
+
+def cmd_evaluate(args, overrides: list[str]) -> int:
+    from qlora_pipeline.evaluate import evaluate
+
+    _quiet_libraries()
+    evaluate(args.target, model=args.model, overrides=overrides)
     return 0
 
 

@@ -1,8 +1,10 @@
 """Recipes: flat YAML files whose keys map one-to-one onto typed config fields.
 
-A recipe fills four dataclasses:
+A recipe fills six dataclasses:
 - `ModelArguments`: TRL's `ModelConfig` (model id, dtype, 4/8-bit, LoRA) plus the few fields it lacks;
 - `DataArguments`: where the rows come from, their columns, the prompt template, the split;
+- `TaskArguments`: which task (causal LM, extractive QA, classification, seq2seq; qlora_pipeline/tasks/) and its
+  settings;
 - TRL's `SFTConfig`: everything the trainer takes;
 - `ExportArguments`: how the adapter is merged and checked for export (`qlora-pipeline merge`);
 - `TrackingArguments`: the Weights & Biases run (project, entity, group, tags, notes, artifacts).
@@ -87,6 +89,70 @@ class DataArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval rows."})
+
+
+@dataclass
+class TaskArguments:
+    """Which task the recipe trains (qlora_pipeline/tasks/) and the settings only that task reads."""
+
+    task: Literal["causal_lm", "extractive_qa", "classification", "seq2seq"] = field(
+        default="causal_lm",
+        metadata={
+            "help": "causal_lm (instruction SFT, the main job), extractive_qa (SQuAD-style spans), classification "
+            "(text → label) or seq2seq (T5-style generative QA)."
+        },
+    )
+    generation_metric: Literal["none", "symptoms"] = field(
+        default="none",
+        metadata={
+            "help": "causal_lm: a metric on generated answers besides the eval loss. symptoms: symptom-set "
+            "precision/recall/F1 for 'What are the symptoms of X?' and top-1 accuracy for symptoms → disease."
+        },
+    )
+    text_column: str = field(default="text", metadata={"help": "classification: column holding the text."})
+    label_column: str = field(default="label", metadata={"help": "classification: column holding the label."})
+    class_names: list[str] | None = field(
+        default=None,
+        metadata={"help": "classification: the labels in id order; default: the training rows' labels, sorted."},
+    )
+    context_column: str = field(
+        default="context", metadata={"help": "extractive_qa (flat files) and seq2seq: column holding the context."}
+    )
+    question_column: str = field(
+        default="question", metadata={"help": "extractive_qa (flat files) and seq2seq: column holding the question."}
+    )
+    answer_column: str = field(default="answer", metadata={"help": "seq2seq: column holding the answer text."})
+    answers_column: str = field(
+        default="answers",
+        metadata={
+            "help": "extractive_qa (flat files, as the Hub's squad): column of {text: [...], answer_start: [...]}; "
+            "empty lists mark an unanswerable question. SQuAD JSON files need no column names."
+        },
+    )
+    doc_stride: int = field(
+        default=128,
+        metadata={"help": "extractive_qa: tokens shared by consecutive windows of a context longer than max_length."},
+    )
+    max_answer_length: int = field(default=30, metadata={"help": "extractive_qa: longest predicted answer, tokens."})
+    n_best_size: int = field(
+        default=20, metadata={"help": "extractive_qa: start and end candidates considered per window."}
+    )
+    null_score_diff_threshold: float = field(
+        default=0.0,
+        metadata={
+            "help": "extractive_qa (SQuAD v2): predict 'no answer' when its score beats the best span's by more "
+            "than this."
+        },
+    )
+    max_target_length: int = field(
+        default=64, metadata={"help": "seq2seq: longest answer in tokens (longer ones are truncated, counted)."}
+    )
+    eval_max_new_tokens: int = field(
+        default=32, metadata={"help": "causal_lm and seq2seq: tokens generated per example for the task metric."}
+    )
+    metric_max_samples: int | None = field(
+        default=None, metadata={"help": "Run the task metric on at most this many held-out rows (default: all)."}
+    )
 
 
 @dataclass
@@ -179,7 +245,7 @@ def _model_arguments_class():
 
 @dataclass
 class Recipe:
-    """A parsed, validated recipe: the five config objects and where they came from."""
+    """A parsed, validated recipe: the six config objects and where they came from."""
 
     model: Any  # ModelArguments
     data: DataArguments
@@ -187,6 +253,7 @@ class Recipe:
     export: ExportArguments
     tracking: TrackingArguments
     source: str
+    task: TaskArguments = field(default_factory=TaskArguments)
     notes: list[str] = field(default_factory=list)
     # push_to_hub: true means train → merge → publish, done by the pipeline once at the end. The trainer's own
     # push_to_hub is kept off: it would create the repo before training and push every checkpoint.
@@ -202,7 +269,7 @@ class Recipe:
         """A recipe value as given, before load_recipe adapted it to this machine and launcher."""
         if key in self.as_written:
             return self.as_written[key]
-        for part in (self.model, self.data, self.training, self.export, self.tracking):
+        for part in (self.model, self.data, self.task, self.training, self.export, self.tracking):
             if hasattr(part, key):
                 return getattr(part, key)
         raise KeyError(key)
@@ -212,6 +279,7 @@ class Recipe:
         values: dict[str, Any] = {}
         values.update(_plain(dataclasses.asdict(self.model)))
         values.update(_plain(dataclasses.asdict(self.data)))
+        values.update(_plain(dataclasses.asdict(self.task)))
         training = self.training.to_dict()
         known = {f.name for f in dataclasses.fields(self.training) if f.init}
         for key in known:
@@ -250,7 +318,7 @@ def _plain(value):
 def _parser_classes():
     from trl import SFTConfig
 
-    return _model_arguments_class(), DataArguments, SFTConfig, ExportArguments, TrackingArguments
+    return _model_arguments_class(), DataArguments, TaskArguments, SFTConfig, ExportArguments, TrackingArguments
 
 
 def _make_parser(classes, source: str, override_keys: set[str]):
@@ -369,10 +437,11 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
             objects.append(cls(**kwargs))
         except (ValueError, TypeError) as exc:
             raise RecipeError(f"{source}: {exc}") from None
-    model_args, data_args, training_args, export_args, tracking_args = objects
+    model_args, data_args, task_args, training_args, export_args, tracking_args = objects
     return Recipe(
         model=model_args,
         data=data_args,
+        task=task_args,
         training=training_args,
         export=export_args,
         tracking=tracking_args,
@@ -484,6 +553,7 @@ def _check_combinations(values: dict[str, Any], origin: dict[str, str]) -> list[
             fail("lora_dropout", f"must be in [0, 1), got {values['lora_dropout']}")
     if values["max_length"] is not None and values["max_length"] < 16:
         fail("max_length", f"must be at least 16 tokens, got {values['max_length']}")
+    notes += _check_task(values, fail)
     if values["packing"]:
         if values["max_length"] is None:
             fail("packing", "needs max_length: packed rows are filled up to it")
@@ -526,6 +596,35 @@ def _check_combinations(values: dict[str, Any], origin: dict[str, str]) -> list[
     if not (size == 0 or 0 < size < 1 or (size >= 1 and size == int(size))):
         fail("eval_split_size", f"must be 0, a share between 0 and 1, or a whole row count; got {size}")
     return notes
+
+
+def _check_task(values: dict[str, Any], fail) -> list[str]:
+    """The task's peft type and head go into the LoRA settings, so the saved recipe carries them; causal-LM-only
+    settings on another task are refused; then the task's own checks."""
+    from qlora_pipeline.tasks import get_task
+
+    task = get_task(values["task"])
+    if values["task"] != "causal_lm":
+        if values["packing"]:
+            fail("packing", f"packs causal-LM examples; task '{task.name}' pads each batch to its longest example")
+        if values["generation_metric"] != "none":
+            fail("generation_metric", f"is a causal_lm setting; task '{task.name}' has its own metric")
+    if values["use_peft"]:
+        # TRL's default is CAUSAL_LM, so that value cannot tell a recipe's choice from the default.
+        if values["lora_task_type"] not in ("CAUSAL_LM", task.peft_task_type):
+            fail(
+                "lora_task_type",
+                f"task '{task.name}' trains {task.peft_task_type} adapters, not {values['lora_task_type']}",
+            )
+        values["lora_task_type"] = task.peft_task_type
+        if not values["lora_modules_to_save"] and task.modules_to_save:
+            values["lora_modules_to_save"] = list(task.modules_to_save)
+    for key in ("doc_stride", "max_answer_length", "n_best_size", "max_target_length", "eval_max_new_tokens"):
+        if values[key] < 1:
+            fail(key, f"must be a positive integer, got {values[key]}")
+    if values["metric_max_samples"] is not None and values["metric_max_samples"] < 1:
+        fail("metric_max_samples", f"must be a positive integer, got {values['metric_max_samples']}")
+    return task.check(values, fail)
 
 
 def _looks_like_a_path(name: str) -> bool:

@@ -130,6 +130,29 @@ def columns_of(data_args) -> tuple[str, str | None, str]:
     return data_args.instruction_column, data_args.input_column, data_args.output_column
 
 
+@dataclass(frozen=True)
+class Columns:
+    """The columns a task reads from each row, as (recipe key, column) pairs. Every one must be in the file; a
+    required one must hold non-empty text (a `labels` one: text or a whole number), an optional one text or null."""
+
+    required: tuple[tuple[str, str], ...]
+    optional: tuple[tuple[str, str], ...] = ()
+    labels: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> list[str]:
+        return [column for _, column in (*self.required, *self.optional)]
+
+
+def instruction_columns(data_args) -> Columns:
+    """The causal-LM task's columns: instruction and output, and the input/context where the recipe names one."""
+    instruction, input_column, output = columns_of(data_args)
+    return Columns(
+        required=(("instruction_column", instruction), ("output_column", output)),
+        optional=(("input_column", input_column),) if input_column else (),
+    )
+
+
 @contextlib.contextmanager
 def _quiet_progress(quiet: bool = True):
     """`datasets` progress bars off: reading a file is quick, and its bar would only stand between a bad row and
@@ -146,13 +169,14 @@ def _quiet_progress(quiet: bool = True):
             datasets.enable_progress_bars()
 
 
-def load_rows(name: str, data_args, split: str | None = None) -> RowSource:
-    """Load and check a dataset from a Hub id, a local file or folder, or an embedded sample."""
+def load_rows(name: str, data_args, split: str | None = None, columns: Columns | None = None) -> RowSource:
+    """Load and check a dataset from a Hub id, a local file or folder, or an embedded sample. `columns`: what each
+    row must hold (default: the causal-LM task's instruction/input/output)."""
     with _quiet_progress():
-        return _load_and_check(name, data_args, split)
+        return _load_and_check(name, data_args, split, columns or instruction_columns(data_args))
 
 
-def _load_and_check(name: str, data_args, split: str | None) -> RowSource:
+def _load_and_check(name: str, data_args, split: str | None, columns: Columns) -> RowSource:
     import datasets
 
     if tiny.is_embedded(name):
@@ -160,13 +184,13 @@ def _load_and_check(name: str, data_args, split: str | None) -> RowSource:
     path = Path(name).expanduser()
     looks_local = path.exists() or name.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_FORMATS
     if looks_local:
-        return _load_local(path, data_args)
+        return _load_local(path, data_args, columns)
     try:
         dataset = datasets.load_dataset(name, data_args.dataset_config, split=split or data_args.dataset_split)
     except Exception as exc:  # datasets raises many types: offline, not found, bad config, bad split
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{name}: could not load the dataset from the Hub: {first_line}") from None
-    return _check_dataset(dataset, name, data_args)
+    return _check_dataset(dataset, name, data_args, columns)
 
 
 class _BadRows:
@@ -186,7 +210,7 @@ class _BadRows:
         return sorted(self.records, key=lambda r: (r["file"], r["line"] or 0, r.get("row") or 0))
 
 
-def _load_local(path: Path, data_args) -> RowSource:
+def _load_local(path: Path, data_args, spec: Columns) -> RowSource:
     if not path.exists():
         raise DataError(f"{path}: dataset file not found")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in LOCAL_FORMATS) if path.is_dir() else [path]
@@ -199,7 +223,7 @@ def _load_local(path: Path, data_args) -> RowSource:
         raise DataError(f"{path}: mixes file types {sorted(kinds)}; keep one type per dataset")
     kind = kinds.pop()
     if kind == "parquet":
-        return _check_dataset(_read_with_datasets(path, kind, files), str(path), data_args)
+        return _check_dataset(_read_with_datasets(path, kind, files), str(path), data_args, spec)
 
     # JSON and CSV are parsed here first, so every problem is reported with its file and line.
     bad = _BadRows(data_args.on_bad_rows)
@@ -207,7 +231,7 @@ def _load_local(path: Path, data_args) -> RowSource:
     columns: dict[str, None] = {}  # in order of first appearance
     notes: list[str] = []
     headers = set()
-    used = {c for c in (*columns_of(data_args), data_args.id_column) if c}  # rows keep only these fields
+    used = {c for c in (*spec.names, data_args.id_column) if c}  # rows keep only these fields
     for f in files:
         scan = _scan_json_file if kind == "json" else _scan_csv_file
         rows, blank_lines, header = scan(f, bad, used)
@@ -220,8 +244,8 @@ def _load_local(path: Path, data_args) -> RowSource:
                 f"{f}: {len(blank_lines)} blank line{'s' if len(blank_lines) > 1 else ''} ignored (line {shown})"
             )
     rows_read = len(parsed) + len(bad.records)
-    _check_columns(str(path), list(columns), data_args)
-    keep = _check_rows(parsed, data_args, bad, data_args.id_column in columns)
+    _check_columns(str(path), list(columns), spec)
+    keep = _check_rows(parsed, data_args, spec, bad, data_args.id_column in columns)
     if not keep:
         raise DataError(
             f"{path}: no rows left to train on: all {rows_read} rows were skipped (first: {_first(bad.listed())})"
@@ -243,9 +267,9 @@ def _load_local(path: Path, data_args) -> RowSource:
         if dataset is not None and len(dataset) != len(parsed):
             dataset = None
     if dataset is None:
-        dataset = _clean_copy([parsed[i][1] for i in keep], data_args)
+        dataset = _clean_copy([parsed[i][1] for i in keep], spec)
     source = RowSource(dataset, str(path), [parsed[i][0] for i in keep], rows_read, bad.listed(), notes)
-    _note_columns_and_skips(source, list(columns), data_args)
+    _note_columns_and_skips(source, list(columns), data_args, spec)
     return source
 
 
@@ -264,12 +288,12 @@ def _read_with_datasets(path: Path, kind: str, files: list[Path], **options):
     return dataset
 
 
-def _clean_copy(rows: list[dict], data_args):
-    """The rows to train on, with only the template's columns, written as JSONL into the datasets cache and read
+def _clean_copy(rows: list[dict], spec: Columns):
+    """The rows to train on, with only the task's columns, written as JSONL into the datasets cache and read
     from there: `datasets` then caches it like any file, and the tokenized result with it."""
     import datasets
 
-    columns = [c for c in columns_of(data_args) if c]
+    columns = spec.names
     text = "".join(json.dumps({c: row.get(c) for c in columns}, ensure_ascii=False) + "\n" for row in rows)
     folder = Path(datasets.config.HF_DATASETS_CACHE) / "qlora_pipeline_rows"
     target = folder / f"rows-{hashlib.sha256(text.encode()).hexdigest()[:16]}.jsonl"
@@ -381,12 +405,8 @@ def _kind(value) -> str:
     return {list: "a list", dict: "an object", str: "text"}.get(type(value), type(value).__name__)
 
 
-def _check_columns(name: str, present: list[str], data_args) -> None:
-    instruction, input_column, output = columns_of(data_args)
-    needed = [("instruction_column", instruction), ("output_column", output)]
-    if input_column:
-        needed.append(("input_column", input_column))
-    for key, column in needed:
+def _check_columns(name: str, present: list[str], spec: Columns) -> None:
+    for key, column in (*spec.required, *spec.optional):
         if column not in present:
             raise DataError(
                 f"{name}: missing column '{column}' (columns present: {', '.join(present) or 'none'}); "
@@ -394,34 +414,38 @@ def _check_columns(name: str, present: list[str], data_args) -> None:
             )
 
 
-def _row_problem(row: dict, data_args) -> str | None:
+def _row_problem(row: dict, spec: Columns) -> str | None:
     """What makes one row untrainable, or None."""
-    instruction, input_column, output = columns_of(data_args)
-    for column in (instruction, output):
+    for _, column in spec.required:
         if column not in row:
             return f"'{column}' is missing"
         value = row[column]
         if value is None:
             return f"'{column}' is null"
+        if column in spec.labels and isinstance(value, int) and not isinstance(value, bool):
+            continue
         if not isinstance(value, str):
-            return f"'{column}' must be text, got {_kind(value)}"
+            expected = "text or a whole number" if column in spec.labels else "text"
+            return f"'{column}' must be {expected}, got {_kind(value)}"
         if not value.strip():
             return f"'{column}' is empty"
-    if input_column:
-        value = row.get(input_column)
+    for _, column in spec.optional:
+        value = row.get(column)
         if value is not None and not isinstance(value, str):
-            return f"'{input_column}' must be text or null, got {_kind(value)}"
+            return f"'{column}' must be text or null, got {_kind(value)}"
     return None
 
 
-def _check_rows(rows: Iterable[tuple[Where, dict]], data_args, bad: _BadRows, has_ids: bool) -> list[int]:
+def _check_rows(
+    rows: Iterable[tuple[Where, dict]], data_args, spec: Columns, bad: _BadRows, has_ids: bool
+) -> list[int]:
     """Indices of the rows to train on; every other row went to `bad`. Ids, where there is an id column, must be
     unique: the later of two rows with one id is the bad one."""
     id_column = data_args.id_column if has_ids else None
     keep: list[int] = []
     seen: dict[str, Where] = {}
     for index, (where, row) in enumerate(rows):
-        problem = _row_problem(row, data_args)
+        problem = _row_problem(row, spec)
         if problem is None and id_column and row.get(id_column) is not None:
             value = row[id_column]
             first = seen.setdefault(json.dumps(value, sort_keys=True, default=str), where)
@@ -434,11 +458,11 @@ def _check_rows(rows: Iterable[tuple[Where, dict]], data_args, bad: _BadRows, ha
     return keep
 
 
-def _check_dataset(dataset, name: str, data_args) -> RowSource:
+def _check_dataset(dataset, name: str, data_args, spec: Columns) -> RowSource:
     """Check a dataset that `datasets` read (parquet, Hub): rows are named by number."""
-    _check_columns(name, list(dataset.column_names), data_args)
+    _check_columns(name, list(dataset.column_names), spec)
     has_ids = bool(data_args.id_column) and data_args.id_column in dataset.column_names
-    columns = list(dict.fromkeys(c for c in (*columns_of(data_args), data_args.id_column if has_ids else None) if c))
+    columns = list(dict.fromkeys(c for c in (*spec.names, data_args.id_column if has_ids else None) if c))
 
     def rows() -> Iterator[tuple[Where, dict]]:
         index = 0
@@ -450,7 +474,7 @@ def _check_dataset(dataset, name: str, data_args) -> RowSource:
     if len(dataset) == 0:
         raise DataError(f"{name}: the dataset is empty (no rows)")
     bad = _BadRows(data_args.on_bad_rows)
-    keep = _check_rows(rows(), data_args, bad, has_ids)
+    keep = _check_rows(rows(), data_args, spec, bad, has_ids)
     if not keep:
         raise DataError(
             f"{name}: no rows left to train on: all {len(dataset)} rows were skipped (first: {_first(bad.listed())})"
@@ -462,7 +486,7 @@ def _check_dataset(dataset, name: str, data_args) -> RowSource:
         len(dataset),
         bad.listed(),
     )
-    _note_columns_and_skips(source, list(dataset.column_names), data_args)
+    _note_columns_and_skips(source, list(dataset.column_names), data_args, spec)
     return source
 
 
@@ -471,13 +495,13 @@ def _first(records: list[dict]) -> str:
     return f"{Where(record['file'], record['line'], record.get('row'))}: {record['reason']}"
 
 
-def _note_columns_and_skips(source: RowSource, present: list[str], data_args) -> None:
-    used = {*columns_of(data_args), data_args.id_column}
+def _note_columns_and_skips(source: RowSource, present: list[str], data_args, spec: Columns) -> None:
+    used = {*spec.names, data_args.id_column}
     ignored = [c for c in present if c not in used]
     if ignored:
         source.notes.append(
             f"{source.name}: column{'s' if len(ignored) > 1 else ''} {', '.join(repr(c) for c in ignored)} "
-            f"not used by the template; ignored"
+            f"not used by the task; ignored"
         )
     if source.skipped:
         source.notes.append(

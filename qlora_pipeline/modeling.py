@@ -116,15 +116,20 @@ def training_dtype(model_args):
     return model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype or "float32")
 
 
-def load_base_model(model_args, training_args, tokenizer, *, quantization, dtype, device_map):
+def load_base_model(
+    model_args, training_args, tokenizer, *, quantization, dtype, device_map, model_class=None, **model_kwargs
+):
     """`from_pretrained` of the base (safetensors only), with embeddings resized to the tokenizer as training did.
 
-    Shared by training and by merge/inference, which rebuild the model as trained. Returns (model, resized)."""
-    from transformers import AutoModelForCausalLM
+    Shared by training and by merge/inference, which rebuild the model as trained. `model_class`: the task's Auto
+    class (default AutoModelForCausalLM); `model_kwargs` go to from_pretrained (num_labels, id2label…).
+    Returns (model, resized)."""
+    if model_class is None:
+        from transformers import AutoModelForCausalLM as model_class
 
     name = resolve_model_path(model_args.model_name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = model_class.from_pretrained(
             name,
             revision=model_args.model_revision,
             quantization_config=quantization,
@@ -133,6 +138,7 @@ def load_base_model(model_args, training_args, tokenizer, *, quantization, dtype
             device_map=device_map,
             trust_remote_code=training_args.trust_remote_code,
             use_safetensors=True,
+            **model_kwargs,
         )
     except Exception as exc:
         raise PipelineError(f"{name}: could not load the model: {first_line(exc)}") from None
@@ -164,6 +170,7 @@ def quiet_peft_deprecations():
 
 
 def lora_config(model_args):
+    """The recipe's LoRA settings (load_recipe filled in the task's peft task type and head, `modules_to_save`)."""
     from peft import LoraConfig
 
     targets = model_args.lora_target_modules or "all-linear"

@@ -34,7 +34,11 @@ BUILD_VERSION = "2"
 INIT_RANGE = 0.1
 
 SAMPLES = {
-    "medtuned-sample": "medtuned_sample.jsonl",
+    "medtuned-sample": "medtuned_sample.jsonl",  # instruction / input / output (Llama2-MedTuned-Instructions)
+    "symptoms-sample": "symptoms_sample.jsonl",  # instruction / output (prognosis/symptoms_disease_v1)
+    "squad-sample": "squad_sample.json",  # SQuAD v2 JSON, answerable and unanswerable questions
+    "student-questions-sample": "student_questions_sample.csv",  # text / label (Biology, Chemistry, Maths, Physics)
+    "context-qa-sample": "context_qa_sample.csv",  # context / question / answer
 }
 
 
@@ -175,43 +179,80 @@ def _build_starling_shaped(folder: Path, shape: dict, name: str) -> None:
         torch.manual_seed(0)
         model = MistralForCausalLM(config)
         model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eot)
-        # Not save_pretrained: under `accelerate launch` it writes only on global rank 0, and whichever rank holds
-        # the build lock must write (the cache may be per node).
-        from safetensors.torch import save_file
-
-        config.save_pretrained(str(folder))
-        model.generation_config.save_pretrained(str(folder))
-        weights = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
-        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        save_random_model(model, folder)
     finally:
         hf_logging.enable_progress_bar()
     write_starling_shaped_card(folder, config, name)
 
 
-def write_starling_shaped_card(folder: Path, config, name: str) -> None:
-    """README.md with the license in its front matter, where a model card's license is looked up."""
+def save_random_model(model, folder: Path) -> None:
+    """config.json, generation_config.json (where the model has one) and model.safetensors.
+
+    Not save_pretrained: under `accelerate launch` it writes only on global rank 0, and whichever rank holds the
+    build lock must write (the cache may be per node). A tied weight is written once, under its first name (the
+    input embedding's, e.g. `transformer.wte.weight`), as transformers does: a model of another head class built
+    from this checkpoint (sequence classification from a causal LM) then finds its embeddings."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(str(folder))
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(str(folder))
+    weights, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        weights[name] = tensor.contiguous()
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def write_card(folder: Path, name: str, body: str, *, license: str, pipeline_tag: str, tags: list[str]) -> None:
+    """README.md for an embedded model, with the license in its front matter, where a model card's license is
+    looked up."""
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(
-        license="apache-2.0",
+        license=license,
         library_name="transformers",
-        pipeline_tag="text-generation",
-        tags=["mistral", "random-weights", "tiny", "qlora-pipeline"],
+        pipeline_tag=pipeline_tag,
+        tags=[*tags, "random-weights", "tiny", "qlora-pipeline"],
     )
-    body = f"""# {name}
+    ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {name}\n\n{body.strip()}\n").save(folder / "README.md")
 
-A small random-weight model built by qlora-pipeline for its offline demo, tests and benchmarks (`embedded:{name}`).
-It has the architecture of Starling-LM-7B-alpha (Mistral), scaled down to {config.num_hidden_layers} layers of
-width {config.hidden_size}, and Starling-LM-7B-alpha's real tokenizer: the Mistral-7B SentencePiece vocabulary
-shipped by the `mistral-common` package, plus `{STARLING_END_OF_TURN}` and `{STARLING_PAD}` and Starling's chat
-template. The weights are random (seed 0): it writes nonsense until trained, and even then it only shows that
-the pipeline works.
+
+def write_starling_shaped_card(folder: Path, config, name: str) -> None:
+    body = f"""A small random-weight model built by qlora-pipeline for its offline demo, tests and benchmarks
+(`embedded:{name}`). It has the architecture of Starling-LM-7B-alpha (Mistral), scaled down to
+{config.num_hidden_layers} layers of width {config.hidden_size}, and Starling-LM-7B-alpha's real tokenizer: the
+Mistral-7B SentencePiece vocabulary shipped by the `mistral-common` package, plus `{STARLING_END_OF_TURN}` and
+`{STARLING_PAD}` and Starling's chat template. The weights are random (seed 0): it writes nonsense until trained,
+and even then it only shows that the pipeline works.
 
 License: Apache-2.0, as Starling-LM-7B-alpha and the Mistral-7B tokenizer.
 """
-    ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").save(folder / "README.md")
+    write_card(folder, name, body, license="apache-2.0", pipeline_tag="text-generation", tags=["mistral"])
+
+
+def _lazy(target: str):
+    """A builder in another module ("module:function"), imported only when that model is built."""
+
+    def build(folder: Path) -> None:
+        import importlib
+
+        module, _, function = target.partition(":")
+        getattr(importlib.import_module(module), function)(folder)
+
+    return build
 
 
 BUILDERS = {
-    name: functools.partial(_build_starling_shaped, shape=shape, name=name) for name, shape in STARLING_SHAPES.items()
+    **{
+        name: functools.partial(_build_starling_shaped, shape=shape, name=name)
+        for name, shape in STARLING_SHAPES.items()
+    },
+    # The small-model tasks' architectures, scaled down (qlora_pipeline/tiny_builders/).
+    "tiny-distilgpt2": _lazy("qlora_pipeline.tiny_builders.gpt2:build_tiny_distilgpt2"),
+    "tiny-gpt-neo": _lazy("qlora_pipeline.tiny_builders.gpt2:build_tiny_gpt_neo"),
+    "tiny-bert": _lazy("qlora_pipeline.tiny_builders.bert:build_tiny_bert"),
+    "tiny-t5": _lazy("qlora_pipeline.tiny_builders.t5:build_tiny_t5"),
 }

@@ -11,7 +11,6 @@ A run folder holds:
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 import json
@@ -24,56 +23,21 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from qlora_pipeline import data as data_mod
+from qlora_pipeline import evaluate as evaluation
 from qlora_pipeline import modeling, tracking
 from qlora_pipeline.config import Recipe
 from qlora_pipeline.errors import Interrupted, PipelineError
-from qlora_pipeline.templates import get_template
-
-
-@dataclass
-class PreparedData:
-    tokenizer: object
-    template: object
-    train: data_mod.TokenizedSplit
-    eval: data_mod.TokenizedSplit | None
-    notes: list[str]
-    skipped: list[dict] | None = None  # rows left out under on_bad_rows: skip (data.Where.record)
-    accounting: dict | None = None  # rows read, skipped, unused (data.accounting)
+from qlora_pipeline.tasks import PreparedData, get_task
 
 
 def prepare_data(recipe: Recipe) -> PreparedData:
-    """Tokenizer and tokenized train/eval splits, without loading the model."""
-    from accelerate import PartialState
-
-    template = get_template(recipe.data.template)
-    tokenizer, notes = modeling.load_tokenizer(recipe.model, recipe.training, template)
-    max_length = recipe.training.max_length
-    # The main process tokenizes and fills the datasets cache; the others then read it.
-    with PartialState().main_process_first():
-        train_rows = data_mod.load_rows(recipe.data.dataset_name, recipe.data)
-        eval_rows = data_mod.load_rows(recipe.data.eval_file, recipe.data) if recipe.data.eval_file else None
-        train_set, eval_set = data_mod.split_train_eval(train_rows, recipe.data, recipe.training.seed, eval_rows)
-        train = data_mod.tokenize(train_set, tokenizer, template, recipe.data, max_length, "train")
-        evaluation = (
-            data_mod.tokenize(eval_set, tokenizer, template, recipe.data, max_length, "eval") if eval_set else None
-        )
-    for split in filter(None, (train, evaluation)):
-        if len(split.dataset) == 0:
-            raise PipelineError(
-                f"{recipe.data.dataset_name}: every example is longer than max_length {max_length} "
-                f"({split.overlong} of {split.rows_in}); raise max_length or set overlong: truncate"
-            )
-    sources = [s for s in (train_rows, eval_rows) if s is not None]
-    notes += [note for source in sources for note in source.notes]
-    skipped = [record for source in sources for record in source.skipped]
-    accounting = data_mod.accounting(train_rows, eval_rows, train_set, eval_set)
-    return PreparedData(tokenizer, template, train, evaluation, notes, skipped, accounting)
+    """Tokenizer and checked, tokenized train/eval splits, as the recipe's task makes them; no model loads."""
+    return get_task(recipe.task.task).prepare_data(recipe)
 
 
 class MetricsFile(TrainerCallback):
@@ -174,41 +138,18 @@ def keep_adapter_dtype(model) -> None:
 
 
 def build_trainer(recipe: Recipe, prepared: PreparedData, callbacks=None):
-    """The base model (quantized as the recipe says), its LoRA adapter and the SFTTrainer. Returns (trainer, notes)."""
+    """The task's base model (quantized as the recipe says), its LoRA adapter and the task's trainer. Returns
+    (trainer, notes)."""
     from transformers import set_seed
 
-    from qlora_pipeline import packing
-    from qlora_pipeline.trainer import PipelineSFTTrainer
-
-    # The LoRA A matrices start random: seeded here, the same recipe starts from the same adapter (the Trainer only
-    # seeds once the model exists).
+    task = get_task(recipe.task.task)
+    # The LoRA A matrices (and a task's new head) start random: seeded here, the same recipe starts from the same
+    # weights (the Trainer only seeds once the model exists).
     set_seed(recipe.training.seed)
-    model, notes = modeling.load_model(recipe.model, recipe.training, prepared.tokenizer, prepared.template)
+    model, notes = task.load_model(recipe, prepared)
     if recipe.model.use_peft:
         model = modeling.add_lora(model, recipe.model)
-    args, collator = recipe.training, None
-    train_set = prepared.train.dataset.remove_columns(["n_tokens"])
-    eval_set = prepared.eval.dataset.remove_columns(["n_tokens"]) if prepared.eval else None
-    if args.packing:
-        # The pipeline packs: rows of at most max_length with per-example positions (TRL would flatten each batch
-        # into one row). TRL gets the finished rows and trains on them as they are.
-        completion_only = bool(args.completion_only_loss)
-        train_set = packing.pack(train_set, args.max_length, completion_only)
-        if eval_set is not None and args.eval_packing is not False:
-            eval_set = packing.pack(eval_set, args.max_length, completion_only)
-        collator = packing.PackedRowsCollator(prepared.tokenizer.pad_token_id)
-        args = copy.copy(args)
-        args.packing = False
-        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-    trainer = PipelineSFTTrainer(
-        model=model,
-        args=args,
-        data_collator=collator,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        processing_class=prepared.tokenizer,
-        callbacks=callbacks,
-    )
+    trainer = task.build_trainer(recipe, model, prepared, callbacks)
     match_adapter_to_compute_dtype(trainer.model)
     return trainer, notes
 
@@ -440,6 +381,11 @@ def run(
             trainer.args.eval_on_start = True
         else:
             eval_before = trainer.evaluate(metric_key_prefix="before")
+    task = get_task(recipe.task.task)
+    task_metrics = {}
+    measurable = has_eval and not _zero3(trainer)  # ZeRO-3 partitions the weights: the task's own loop cannot run
+    if measurable and checkpoint is None:
+        task_metrics["before"] = evaluation.measure(task, trainer.model, prepared, recipe)
     start_step = 0
     if checkpoint is not None:
         start_step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
@@ -465,6 +411,8 @@ def run(
         first = next(r for r in trainer.state.log_history if "eval_loss" in r and r.get("step") == 0)
         eval_before = {"before_loss": first["eval_loss"]}
     eval_after = final_eval(trainer) if has_eval else {}
+    if measurable:
+        task_metrics["after"] = evaluation.measure(task, trainer.model, prepared, recipe)
 
     # 7. Save the adapter and tokenizer, then the summary.
     adapter_dir = run_dir / "adapter"
@@ -492,6 +440,8 @@ def run(
         "train_loss": train_output.training_loss,
         "eval_loss_before": eval_before.get("before_loss"),
         "eval_loss_after": eval_after.get("eval_loss"),
+        "task": task.name,
+        "task_metrics": {key: metrics for key, metrics in task_metrics.items() if metrics} or None,
         "train_runtime_s": round(runtime, 2),
         "wall_time_s": round(time.time() - started, 2),
         "peak_memory_mib": round(peak_memory_mib(), 1),
@@ -500,12 +450,21 @@ def run(
     }
     summary["tracking"] = tracking.finish(tracker, summary, adapter_dir, recipe.tracking.wandb_log_artifacts)
     if state.is_main_process:
+        if summary["task_metrics"]:
+            described = {
+                "before": f"untrained: {recipe.model.model_name_or_path}",
+                "after": f"trained: {recipe.model.model_name_or_path} + adapter {adapter_dir}",
+            }
+            columns = {k: {"model": described[k], "metrics": m} for k, m in summary["task_metrics"].items()}
+            summary["evaluation"] = str(evaluation.write_table(run_dir, columns, task, recipe)[1])
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         # Our card replaces the one TRL wrote: it carries the recipe, data, results and how to load the adapter.
         from qlora_pipeline.card import build_card
 
         build_card("adapter", recipe, summary, None, repo_id=args.hub_model_id).save(adapter_dir / "README.md")
         print_summary(summary)
+        if summary.get("evaluation"):
+            evaluation.print_table(Path(summary["evaluation"]))
         from qlora_pipeline.report import write_report
 
         try:
@@ -514,6 +473,13 @@ def run(
             print(f"warning: no report ({exc}); retry with: qlora-pipeline report {run_dir}", file=sys.stderr)
     state.wait_for_everyone()
     return summary
+
+
+def _zero3(trainer) -> bool:
+    if not trainer.is_deepspeed_enabled:
+        return False
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    return bool(plugin and plugin.zero_stage == 3)
 
 
 def launcher_summary(trainer) -> dict:

@@ -123,11 +123,11 @@ CASES = [
     good_data("bom.jsonl", ["train rows 6  examples 6", "eval  rows 2  examples 2"], id="jsonl-bom"),
     good_data(
         "extra-columns.jsonl",
-        ["note: {file}: columns 'source', 'label_id' not used by the template; ignored", "train rows 6"],
+        ["note: {file}: columns 'source', 'label_id' not used by the task; ignored", "train rows 6"],
         id="jsonl-extra-columns",
     ),
     good_data(
-        "extra-columns.csv", ["note: {file}: column 'source' not used by the template; ignored"], id="csv-extra-columns"
+        "extra-columns.csv", ["note: {file}: column 'source' not used by the task; ignored"], id="csv-extra-columns"
     ),
     good_data(
         "blank-line.jsonl",

@@ -1,0 +1,189 @@
+"""Evaluate: a task's metric on the held-out rows, for an untrained and a trained model, as one table.
+
+`train.run` measures the model before and after training; `qlora-pipeline evaluate RUN_OR_RECIPE [--model X]`
+measures again from what is saved:
+  - a run folder (recipe.yaml + adapter/): the untrained base ("before") and the base + the run's adapter ("after");
+  - a recipe file: the untrained base;
+  - `--model X` adds X: an adapter folder (on the recipe's base), a merged export or model folder, or a Hub id.
+The held-out rows are the recipe's (same seed, same split). Every model of the table starts from the same seed, so a
+new head (QA, classification) is initialised as it was in training and "before" here equals "before" in the run.
+The table is written to the run folder (the recipe's output_dir) as evaluation.json and evaluation.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+from qlora_pipeline.errors import PipelineError
+
+JSON_FILE = "evaluation.json"
+MARKDOWN_FILE = "evaluation.md"
+
+
+def measure(task, model, prepared, recipe) -> dict:
+    """The task's metrics on `model`, in eval mode without gradients; the model's mode is restored after."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return task.evaluate(model, prepared, recipe)
+    finally:
+        model.train(was_training)
+
+
+def _numbers(metrics: dict) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _format(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.2f}" if abs(value) >= 1 else f"{value:.4f}"
+
+
+def write_table(folder: Path, columns: dict[str, dict], task, recipe) -> tuple[Path, Path]:
+    """evaluation.json (every metric of every model) and evaluation.md (the numbers as one table, headline metrics
+    first, with the change from the first column to the last; a confusion matrix per model where there is one).
+
+    `columns`: column name → {"model": what was measured, "metrics": the task's dict}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    headline = list(task.metric_names_for(recipe))
+    names = list(dict.fromkeys(headline + [k for c in columns.values() for k in _numbers(c["metrics"])]))
+    record = {
+        "task": task.name,
+        "recipe": recipe.source,
+        "dataset": recipe.data.eval_file or recipe.data.dataset_name,
+        "headline": headline,
+        "models": columns,
+    }
+    json_path = folder / JSON_FILE
+    json_path.write_text(json.dumps(record, indent=2, default=str))
+
+    keys = list(columns)
+    lines = [f"# Evaluation: {task.name}", ""]
+    lines += [f"- **{key}**: {columns[key]['model']}" for key in keys]
+    held_out = recipe.data.eval_file or f"{recipe.data.eval_split_size} of {recipe.data.dataset_name} held out"
+    lines += [f"- held-out rows: {held_out} (seed {recipe.training.seed})", ""]
+    header = ["metric", *keys] + (["change"] if len(keys) > 1 else [])
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in names:
+        values = [_numbers(columns[key]["metrics"]).get(name) for key in keys]
+        row = [f"**{name}**" if name in headline else name, *map(_format, values)]
+        if len(keys) > 1:
+            first, last = values[0], values[-1]
+            both = first is not None and last is not None and not name.startswith("n")
+            row.append(f"{last - first:+.2f}" if both else "")
+        lines.append("| " + " | ".join(row) + " |")
+    for key in keys:
+        matrix = columns[key]["metrics"].get("confusion_matrix")
+        if matrix:
+            labels = matrix["labels"]
+            lines += ["", f"Confusion matrix, {key} (rows: true label, columns: predicted)", ""]
+            lines += ["| true \\ predicted | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
+            lines += [
+                f"| {label} | " + " | ".join(map(str, row)) + " |" for label, row in zip(labels, matrix["matrix"])
+            ]
+    markdown_path = folder / MARKDOWN_FILE
+    markdown_path.write_text("\n".join(lines) + "\n")
+    return json_path, markdown_path
+
+
+def print_table(markdown_path: Path) -> None:
+    print(markdown_path.read_text().rstrip())
+
+
+# ---------------------------------------------------------------- the command
+
+
+def evaluate(target: str, model: str | None = None, overrides: list[str] | None = None) -> Path:
+    """`qlora-pipeline evaluate`: measure the models the target names (see the module doc); returns evaluation.md."""
+    from transformers import set_seed
+
+    from qlora_pipeline.config import load_recipe
+    from qlora_pipeline.tasks import get_task
+    from qlora_pipeline.train import prepare_data
+
+    path = Path(target)
+    if path.is_dir():
+        recipe_path = path / "recipe.yaml"
+        if not recipe_path.is_file():
+            raise PipelineError(f"{path}: not a run folder (no recipe.yaml); pass a run folder or a recipe file")
+        run_dir, adapter = path, path / "adapter"
+        if not (adapter / "adapter_config.json").is_file():
+            adapter = None
+    elif path.is_file():
+        recipe_path, run_dir, adapter = path, None, None
+    else:
+        raise PipelineError(f"{path}: no such run folder or recipe file")
+    extra = _locate_model(model) if model else None
+
+    recipe = load_recipe(recipe_path, overrides)
+    task = get_task(recipe.task.task)
+    if not task.metric_names_for(recipe):
+        raise PipelineError(
+            f"{recipe_path}: task '{task.name}' has no metric here beyond the eval loss (in summary.json and "
+            "report.md); for the symptoms recipes set generation_metric: symptoms"
+        )
+    run_dir = run_dir or Path(recipe.training.output_dir)
+    prepared = prepare_data(recipe)
+    if prepared.eval_rows is None:
+        raise PipelineError(f"{recipe_path}: no held-out rows to evaluate on; set eval_split_size or eval_file")
+
+    wanted = [("before", "untrained: " + recipe.model.model_name_or_path, None)]
+    if adapter is not None and extra is None:
+        wanted.append(
+            ("after", f"trained: {recipe.model.model_name_or_path} + adapter {adapter}", ("adapter", adapter))
+        )
+    if extra is not None:
+        wanted.append(("model", f"{extra[0]}: {model}", extra))
+    columns = {}
+    for key, description, source in wanted:
+        set_seed(recipe.training.seed)
+        loaded = _load(task, recipe, prepared, source)
+        print(f"evaluating {key}: {description}", flush=True)
+        columns[key] = {"model": description, "metrics": measure(task, loaded, prepared, recipe)}
+        del loaded
+    json_path, markdown_path = write_table(run_dir, columns, task, recipe)
+    print_table(markdown_path)
+    print(f"\nsaved: {json_path} and {markdown_path}")
+    return markdown_path
+
+
+def _locate_model(name: str) -> tuple[str, str]:
+    """("adapter", folder) for a LoRA adapter, ("model", name) for a model folder or Hub id."""
+    path = Path(name)
+    if (path / "adapter" / "adapter_config.json").is_file():
+        return "adapter", str(path / "adapter")
+    if (path / "adapter_config.json").is_file():
+        return "adapter", str(path)
+    if (path / "config.json").is_file():
+        return "model", str(path)
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise PipelineError(f"{name}: not an adapter folder (adapter_config.json) or a model folder (config.json)")
+    return "model", name  # a Hub id: from_pretrained says whether it exists
+
+
+def _load(task, recipe, prepared, source):
+    """The task's model as the recipe loads it: the base (source None), base + adapter, or another model."""
+    if source is not None and source[0] == "model":
+        other = dataclasses.replace(recipe.model, model_name_or_path=source[1])
+        recipe = dataclasses.replace(recipe, model=other)
+    model, _ = task.load_model(recipe, prepared)
+    if source is not None and source[0] == "adapter":
+        from peft import PeftModel
+
+        from qlora_pipeline.modeling import first_line, quiet_peft_deprecations
+
+        try:
+            with quiet_peft_deprecations():
+                model = PeftModel.from_pretrained(model, source[1])
+        except Exception as exc:
+            raise PipelineError(f"{source[1]}: could not load the adapter: {first_line(exc)}") from None
+    return model
