@@ -77,6 +77,33 @@ LORA_KEYS = (
 )
 
 # The illustrative exchange rendered in the prompt-format section.
+# Per task: the Hub pipeline tag, the transformers Auto class, peft's AutoPeft class and the trainer that ran.
+TASK_CARDS = {
+    "causal_lm": ("text-generation", "AutoModelForCausalLM", "AutoPeftModelForCausalLM", "TRL's `SFTTrainer`"),
+    "extractive_qa": (
+        "question-answering",
+        "AutoModelForQuestionAnswering",
+        "AutoPeftModelForQuestionAnswering",
+        "transformers' `Trainer`",
+    ),
+    "classification": (
+        "text-classification",
+        "AutoModelForSequenceClassification",
+        "AutoPeftModelForSequenceClassification",
+        "transformers' `Trainer`",
+    ),
+    "seq2seq": (
+        "text2text-generation",
+        "AutoModelForSeq2SeqLM",
+        "AutoPeftModelForSeq2SeqLM",
+        "transformers' `Seq2SeqTrainer`",
+    ),
+}
+TASK_EXAMPLES = {
+    "extractive_qa": 'pipe(question="What does insulin do?", context="Insulin lowers the level of glucose in blood.")',
+    "classification": 'pipe("What is the derivative of x squared?")',
+    "seq2seq": 'pipe("question: What does insulin do? context: Insulin lowers the level of glucose in blood.")',
+}
 EXAMPLE_INSTRUCTION = "Classify the sentiment of the sentence as positive or negative."
 EXAMPLE_INPUT = "The new treatment worked well for most patients."
 EXAMPLE_OUTPUT = "positive"
@@ -193,12 +220,13 @@ def build_card(
     four_bit = bool(values.get("load_in_4bit"))
     use_peft = bool(values.get("use_peft"))
 
+    task = recipe.task.task
     tags = ["qlora-pipeline"]
     if use_peft:
         tags.append("lora")
     if four_bit:
         tags.append("qlora")
-    tags += ["sft", "trl"]
+    tags += ["sft", "trl"] if task == "causal_lm" else [task.replace("_", "-")]
     if kind == "merged":
         tags.append("merged")
     license_ = recipe.export.hub_license or base_license(recipe)
@@ -206,7 +234,7 @@ def build_card(
         base_model=model_name if is_hub_id(model_name) else None,
         datasets=[dataset_name] if is_hub_id(dataset_name, DATA_FILE_SUFFIXES) else None,
         library_name="transformers" if kind == "merged" else "peft",
-        pipeline_tag="text-generation",
+        pipeline_tag=TASK_CARDS[task][0],
         tags=tags,
         license=license_,
     )
@@ -251,8 +279,10 @@ def _intro(kind: str, recipe: Recipe, repo_id: str | None) -> str:
         f"- **Base model:** {_base_reference(recipe)}",
         f"- **Training data:** {display_name(recipe.data.dataset_name)}",
         f"- **Prompt template:** `{recipe.data.template}`",
-        f"- **Trained with:** qlora-pipeline {_pipeline_version()}, on TRL's `SFTTrainer`",
+        f"- **Trained with:** qlora-pipeline {_pipeline_version()}, on {TASK_CARDS[recipe.task.task][3]}",
     ]
+    if recipe.task.task != "causal_lm":
+        lines[-2] = f"- **Task:** `{recipe.task.task}` ({TASK_CARDS[recipe.task.task][0]})"
     return "\n".join(lines)
 
 
@@ -273,6 +303,8 @@ def _pipeline_version() -> str:
 
 def _usage(kind: str, recipe: Recipe, repo_id: str | None) -> str:
     repo = repo_id or PLACEHOLDER_REPO
+    if recipe.task.task != "causal_lm":
+        return _task_usage(kind, recipe, repo)
     template = _template(recipe)
     end_token = template.end_token if template is not None else None
     stop = f', eos_token_id=tokenizer.convert_tokens_to_ids("{end_token}")' if end_token else ""
@@ -373,6 +405,26 @@ def _usage(kind: str, recipe: Recipe, repo_id: str | None) -> str:
     return "\n".join(text)
 
 
+def _task_usage(kind: str, recipe: Recipe, repo: str) -> str:
+    """How to use a QA, classification or seq2seq model: a transformers pipeline on the export or the adapter."""
+    tag, auto_class, peft_class, _ = TASK_CARDS[recipe.task.task]
+    if kind == "merged":
+        code = ["from transformers import pipeline", "", f'pipe = pipeline("{tag}", model="{repo}")']
+    else:
+        code = [
+            f"from peft import {peft_class}",
+            "from transformers import AutoTokenizer, pipeline",
+            "",
+            f'repo = "{repo}"',
+            "tokenizer = AutoTokenizer.from_pretrained(repo)  # the tokenizer the adapter was trained with",
+            f"model = {peft_class}.from_pretrained(repo).merge_and_unload()",
+            f'pipe = pipeline("{tag}", model=model, tokenizer=tokenizer)',
+        ]
+    code.append(f"print({TASK_EXAMPLES[recipe.task.task]})")
+    loads = "plain `transformers`" if kind == "merged" else f"`peft`'s `{peft_class}` (base model + adapter)"
+    return "\n".join(["## How to use", "", f"Loads with {loads} as a `{auto_class}`:", "", "```python", *code, "```"])
+
+
 def _template(recipe: Recipe):
     from qlora_pipeline.errors import PipelineError
     from qlora_pipeline.templates import get_template
@@ -419,7 +471,7 @@ def render_example(chat_template: str, messages: list[dict], add_generation_prom
 
 
 def _prompt_format(recipe: Recipe) -> str:
-    template = _template(recipe)
+    template = _template(recipe) if recipe.task.task == "causal_lm" else None
     if template is None:
         return ""
     chat_template = template.chat_template or _local_chat_template(recipe)
@@ -583,8 +635,18 @@ def _results(summary: dict | None) -> str:
         ("eval loss after training", loss(summary.get("eval_loss_after"))),
         ("train runtime", f"{summary['train_runtime_s']:.0f} s" if summary.get("train_runtime_s") else None),
     ]
+    metrics = summary.get("task_metrics") or {}
+    before, after = metrics.get("before") or {}, metrics.get("after") or {}
+    for name, value in after.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not name.startswith("n"):
+            earlier = before.get(name)
+            rows.append((f"{name} (held out)", f"{_number(earlier)} before → {_number(value)} after"))
     rows = [(k, v) for k, v in rows if v is not None]
     return "\n".join(["## Results", "", _table(rows, ("metric", "value"))])
+
+
+def _number(value) -> str:
+    return "n/a" if not isinstance(value, (int, float)) else f"{value:.2f}" if abs(value) >= 1 else f"{value:.4f}"
 
 
 def _fidelity(fidelity: dict) -> str:

@@ -432,6 +432,11 @@ def cmd_plan(args, overrides: list[str]) -> int:
     max_length = _positive_int("--max-length", args.max_length)
     fraction = _fraction("--labelled-fraction", args.labelled_fraction)
     recipe = load_recipe(args.recipe, overrides)
+    if recipe.task.task != "causal_lm":
+        raise PipelineError(
+            f"{args.recipe}: plan models causal-LM recipes; task '{recipe.task.task}' is not modelled (its recipe "
+            "page in docs/ gives measured memory)"
+        )
     _quiet_libraries()
     device = "cuda" if budget is not None else plan.this_machine()
     facts = plan.model_facts(recipe, plan.precision_for(recipe, device))

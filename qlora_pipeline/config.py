@@ -191,6 +191,13 @@ class ExportArguments:
         default=None,
         metadata={"help": "The merge fails if any logit differs from the trained model's by more than this."},
     )
+    merge_max_metric_change: float = field(
+        default=1.0,
+        metadata={
+            "help": "QA, classification and seq2seq tasks: the merge fails, exporting nothing, if a headline task "
+            "metric of the export differs from the trained model's by more than this many points."
+        },
+    )
     hub_license: str | None = field(
         default=None,
         metadata={"help": "License for the model card; default: the base model's, read from its card."},

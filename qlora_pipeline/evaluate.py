@@ -175,15 +175,11 @@ def _load(task, recipe, prepared, source):
     if source is not None and source[0] == "model":
         other = dataclasses.replace(recipe.model, model_name_or_path=source[1])
         recipe = dataclasses.replace(recipe, model=other)
+    from qlora_pipeline.merge import attach_adapter, check_adapter_base
+
+    if source is not None and source[0] == "adapter":
+        check_adapter_base(Path(source[1]), recipe)  # before the weights load
     model, _ = task.load_model(recipe, prepared)
     if source is not None and source[0] == "adapter":
-        from peft import PeftModel
-
-        from qlora_pipeline.modeling import first_line, quiet_peft_deprecations
-
-        try:
-            with quiet_peft_deprecations():
-                model = PeftModel.from_pretrained(model, source[1])
-        except Exception as exc:
-            raise PipelineError(f"{source[1]}: could not load the adapter: {first_line(exc)}") from None
+        model = attach_adapter(model, Path(source[1]), recipe)
     return model

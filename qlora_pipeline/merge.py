@@ -116,6 +116,8 @@ def merge(
     dtype_name = merge_dtype_name(recipe, config)
     dtype = getattr(torch, DTYPES[dtype_name])
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    if recipe.task.task != "causal_lm":
+        return merge_task_model(source, recipe, export_dir, base_mode, dtype_name, config, quantized)
 
     # 2. Held-out examples, tokenized exactly as the trainer tokenized them.
     from qlora_pipeline.train import prepare_data
@@ -183,13 +185,7 @@ def merge(
         summary = _read_summary(source)
         repo_id = recipe.training.hub_model_id
         build_card("merged", recipe, summary, report, repo_id=repo_id).save(staging / "README.md")
-        if export_dir.exists():
-            retired = export_dir.parent / f".{export_dir.name}.replaced-{os.getpid()}"
-            export_dir.rename(retired)
-            staging.rename(export_dir)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(export_dir)
+        _install(staging, export_dir)
         finished = True
     except (OSError, SafetensorError) as exc:  # a full disk, a quota, a read-only folder: one line, nothing left
         raise PipelineError(
@@ -205,6 +201,138 @@ def merge(
     where = tracking.log_fidelity(recipe, source.run_dir, report)
     if where:
         print(f"W&B: fidelity figures logged to the training's run ({tracking.describe(where)})")
+    return report
+
+
+def _install(staging: Path, export_dir: Path) -> None:
+    """Rename the finished staging folder into place (an existing export is replaced only after that)."""
+    if export_dir.exists():
+        retired = export_dir.parent / f".{export_dir.name}.replaced-{os.getpid()}"
+        export_dir.rename(retired)
+        staging.rename(export_dir)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(export_dir)
+
+
+# Where a task's export is loaded by plain transformers (the merged model's Auto class).
+TASK_AUTO_CLASSES = {
+    "extractive_qa": "AutoModelForQuestionAnswering",
+    "classification": "AutoModelForSequenceClassification",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+}
+
+
+def merge_task_model(
+    source: MergeSource, recipe: Recipe, export_dir: Path, base_mode: str, dtype_name: str, config, quantized: bool
+) -> dict:
+    """Merge a QA, classification or seq2seq adapter. Fidelity is the task's own metric on the held-out rows: the
+    model as trained against the saved export reloaded with plain transformers, headline metrics side by side;
+    the merge fails, exporting nothing, if a headline metric moves by more than merge_max_metric_change points."""
+    import dataclasses
+
+    import torch
+    import transformers
+    from transformers import set_seed
+
+    from qlora_pipeline import evaluate as evaluation
+    from qlora_pipeline.tasks import get_task
+    from qlora_pipeline.train import prepare_data
+
+    task = get_task(recipe.task.task)
+    options = recipe.export
+    dtype = getattr(torch, DTYPES[dtype_name])
+    prepared = prepare_data(recipe)
+    if prepared.eval_rows is None:
+        raise PipelineError(
+            f"merge: {recipe.source} holds out no rows, so the export cannot be checked; set eval_split_size"
+        )
+    _print_memory_plan(config, dtype_name, quantized)
+
+    def trained_base(model_args):
+        set_seed(recipe.training.seed)
+        model, _ = task.load_model(dataclasses.replace(recipe, model=model_args), prepared)
+        return model
+
+    print(f"[1/4] reference: {'4-bit base' if quantized else 'base'} + adapter, the task metric on the held-out rows")
+    reference_model = attach_adapter(trained_base(recipe.model), source.adapter_dir, recipe)
+    reference = evaluation.measure(task, reference_model, prepared, recipe)
+    del reference_model
+    _free_memory()
+
+    staging = export_dir.parent / f".{export_dir.name}.partial-{os.getpid()}"
+    finished = False
+    try:
+        export_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        print(f"[2/4] merge: adapter into the {base_mode} base weights in {dtype_name}")
+        if base_mode == "nf4-roundtrip":  # the NF4-dequantized weights the adapter was trained against
+            base = trained_base(recipe.model).dequantize(dtype=dtype)
+        else:
+            base = trained_base(dataclasses.replace(recipe.model, load_in_4bit=False, load_in_8bit=False))
+        model = attach_adapter(base.to(dtype), source.adapter_dir, recipe)
+        merged = model.merge_and_unload(safe_merge=True, progressbar=True).to(dtype).eval()
+        print(f"[3/4] save: {export_dir} (safetensors shards of at most {options.merge_max_shard_size})")
+        merged.save_pretrained(staging, max_shard_size=options.merge_max_shard_size)
+        prepared.tokenizer.save_pretrained(staging)
+        del merged, model, base
+        _free_memory()
+
+        print("[4/4] check: the saved export, reloaded with plain transformers, against the reference")
+        auto_class = getattr(transformers, TASK_AUTO_CLASSES[task.name])
+        exported = auto_class.from_pretrained(staging, dtype=dtype)
+        candidate = evaluation.measure(task, exported, prepared, recipe)
+        del exported
+        _free_memory()
+        headline = list(task.metric_names_for(recipe))
+        changes = {
+            name: candidate[name] - reference[name]
+            for name in headline
+            if isinstance(reference.get(name), (int, float)) and isinstance(candidate.get(name), (int, float))
+        }
+        worst = max(changes, key=lambda name: abs(changes[name]), default=None)
+        limit = options.merge_max_metric_change
+        passed = worst is None or abs(changes[worst]) <= limit
+        report = {
+            "task": task.name,
+            "base_mode": base_mode,
+            "dtype": dtype_name,
+            "reference": f"{'4-bit' if quantized else 'unquantized'} base + adapter, as trained",
+            "export_class": TASK_AUTO_CLASSES[task.name],
+            "reference_metrics": reference,
+            "export_metrics": candidate,
+            "metric_changes": changes,
+            "thresholds": {"max_metric_change": limit},
+            "passed": passed,
+            "failure": None if passed else f"{worst} moved by {changes[worst]:+.2f} > allowed {limit:g} points",
+        }
+        print("\n== merge fidelity: export vs. the model as trained (task metric, held-out rows) ==")
+        for name in headline:
+            print(f"{name:<14} {reference.get(name)!s:>10} trained → {candidate.get(name)!s:>10} export")
+        print(f"verdict        {'passed' if passed else 'FAILED: ' + report['failure']}")
+        if not passed:
+            failed_report = export_dir.parent / f"{export_dir.name}.fidelity-failed.json"
+            failed_report.write_text(json.dumps(report, indent=2))
+            raise PipelineError(
+                f"merge: fidelity check failed ({report['failure']}); nothing exported, report in {failed_report}"
+            )
+        (staging / "fidelity.json").write_text(json.dumps(report, indent=2))
+        from qlora_pipeline.card import build_card
+
+        build_card("merged", recipe, _read_summary(source), None, repo_id=recipe.training.hub_model_id).save(
+            staging / "README.md"
+        )
+        _install(staging, export_dir)
+        finished = True
+    except (OSError, SafetensorError) as exc:
+        raise PipelineError(
+            f"merge: could not write the export {export_dir}: {describe_os_error(exc)}; nothing was exported"
+        ) from None
+    finally:
+        if not finished:
+            shutil.rmtree(staging, ignore_errors=True)
+    print(f"\nexported: {export_dir}")
+    report["export_dir"] = str(export_dir)
     return report
 
 
@@ -248,7 +376,7 @@ def load_trained_model(recipe: Recipe, adapter_dir: Path, tokenizer, device: str
     if quantization is not None:
         # Training ran with this: it keeps norms and embeddings in float32 beside the 4-bit layers.
         base = modeling.prepare_for_kbit_training(base, use_gradient_checkpointing=False)
-    return _attach_adapter(base, adapter_dir, recipe).eval()
+    return attach_adapter(base, adapter_dir, recipe).eval()
 
 
 def check_adapter_base(adapter_dir: Path, recipe: Recipe) -> None:
@@ -276,7 +404,7 @@ def check_adapter_base(adapter_dir: Path, recipe: Recipe) -> None:
         )
 
 
-def _attach_adapter(base, adapter_dir: Path, recipe: Recipe):
+def attach_adapter(base, adapter_dir: Path, recipe: Recipe):
     """PeftModel.from_pretrained, with a size mismatch (an adapter trained on another base) as one line."""
     from peft import PeftModel
 
@@ -303,7 +431,7 @@ def _merged_model(recipe: Recipe, adapter_dir: Path, prepared, base_mode: str, d
     else:
         base = _base_model(recipe, prepared.tokenizer, None, dtype, device)
     base = base.to(dtype)
-    model = _attach_adapter(base, adapter_dir, recipe)
+    model = attach_adapter(base, adapter_dir, recipe)
     merged = model.merge_and_unload(safe_merge=True, progressbar=True)  # safe_merge: refuses NaN/inf weights
     return merged.to(dtype).eval()
 

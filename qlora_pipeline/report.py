@@ -392,6 +392,15 @@ def _data_section(summary: dict, recipe: dict) -> list[str]:
     return lines
 
 
+def _task_metric_section(run_dir: Path) -> list[str]:
+    """The task's before/after table (evaluation.md, written by train and `qlora-pipeline evaluate`), if any."""
+    table = run_dir / "evaluation.md"
+    if not table.is_file():
+        return []
+    body = table.read_text(encoding="utf-8").strip().splitlines()
+    return ["## Task metric (held-out rows)", "", *body[1:], ""]  # its own title becomes this section's
+
+
 def write_report(run_dir: Path) -> Path:
     """Write report.md and the PNG plots into the run folder; returns the report.md path."""
     run_dir = Path(run_dir)
@@ -429,6 +438,7 @@ def write_report(run_dir: Path) -> Path:
     lines += [", ".join(described) + ".", ""]
     lines += _summary_section(summary, metrics) + [""]
     lines += _eval_section(summary, metrics) + [""]
+    lines += _task_metric_section(run_dir)
     lines += plot_lines
     lines += _data_section(summary, recipe) + [""]
     notes = [str(note) for note in summary.get("notes") or []]
