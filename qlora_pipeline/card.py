@@ -241,7 +241,7 @@ def build_card(
 
     sections = [
         _intro(kind, recipe, repo_id),
-        _usage(kind, recipe, repo_id),
+        _usage(kind, recipe, repo_id, summary),
         _prompt_format(recipe),
         _training(recipe, values, summary),
         _lora(values) if use_peft else "",
@@ -301,10 +301,10 @@ def _pipeline_version() -> str:
     return __version__
 
 
-def _usage(kind: str, recipe: Recipe, repo_id: str | None) -> str:
+def _usage(kind: str, recipe: Recipe, repo_id: str | None, summary: dict | None = None) -> str:
     repo = repo_id or PLACEHOLDER_REPO
     if recipe.task.task != "causal_lm":
-        return _task_usage(kind, recipe, repo)
+        return _task_usage(kind, recipe, repo, (summary or {}).get("classes"))
     template = _template(recipe)
     end_token = template.end_token if template is not None else None
     stop = f', eos_token_id=tokenizer.convert_tokens_to_ids("{end_token}")' if end_token else ""
@@ -405,19 +405,25 @@ def _usage(kind: str, recipe: Recipe, repo_id: str | None) -> str:
     return "\n".join(text)
 
 
-def _task_usage(kind: str, recipe: Recipe, repo: str) -> str:
+def _task_usage(kind: str, recipe: Recipe, repo: str, classes: list[str] | None) -> str:
     """How to use a QA, classification or seq2seq model: a transformers pipeline on the export or the adapter."""
     tag, auto_class, peft_class, _ = TASK_CARDS[recipe.task.task]
     if kind == "merged":
         code = ["from transformers import pipeline", "", f'pipe = pipeline("{tag}", model="{repo}")']
     else:
+        # The adapter folder holds no config.json: a classifier's head size and class names are given again.
+        labels = ""
+        if classes:
+            labels = f", num_labels={len(classes)}, id2label={dict(enumerate(classes))!r}"
+            labels += f", label2id={ {name: i for i, name in enumerate(classes)}!r}"
         code = [
             f"from peft import {peft_class}",
             "from transformers import AutoTokenizer, pipeline",
             "",
             f'repo = "{repo}"',
             "tokenizer = AutoTokenizer.from_pretrained(repo)  # the tokenizer the adapter was trained with",
-            f"model = {peft_class}.from_pretrained(repo).merge_and_unload()",
+            f"model = {peft_class}.from_pretrained(repo{labels}).merge_and_unload()",
+            *(["model.config.pad_token_id = tokenizer.pad_token_id"] if classes else []),
             f'pipe = pipeline("{tag}", model=model, tokenizer=tokenizer)',
         ]
     code.append(f"print({TASK_EXAMPLES[recipe.task.task]})")

@@ -284,6 +284,9 @@ def cmd_preprocess(args, overrides: list[str]) -> int:
     masked_loss = recipe.training.completion_only_loss is not False
     for index in range(min(args.debug, len(prepared.train.dataset))):
         example = prepared.train.dataset[index]
+        if "completion_mask" not in example:  # QA, classification, seq2seq: tokens, then what the loss targets
+            _print_task_example(index, example, tokenizer)
+            continue
         ids, mask = example["input_ids"], example["completion_mask"]
         print(f"\n--- example {index}: {len(ids)} tokens, {sum(mask) if masked_loss else len(ids)} in the loss ---")
         print(f"{'pos':>5}  {'id':>6}  {'token':<24} label")
@@ -312,6 +315,22 @@ def cmd_preprocess(args, overrides: list[str]) -> int:
             f"{prepared.accounting['skipped']} + unused {prepared.accounting['unused']} (past max_train/eval_samples)"
         )
     return 0
+
+
+def _print_task_example(index: int, example: dict, tokenizer) -> None:
+    ids = example["input_ids"]
+    print(f"\n--- example {index}: {len(ids)} tokens ---")
+    print(f"{'pos':>5}  {'id':>6}  token")
+    for position, token_id in enumerate(ids):
+        print(f"{position:>5}  {token_id:>6}  {tokenizer.convert_ids_to_tokens(token_id)!r}")
+    for key, value in example.items():
+        if key in ("input_ids", "attention_mask", "token_type_ids", "n_tokens"):
+            continue
+        if key == "labels" and isinstance(value, list):  # seq2seq targets
+            value = f"{value} = {tokenizer.decode([t for t in value if t >= 0])!r}"
+        elif key in ("start_positions", "end_positions") and isinstance(value, int):
+            value = f"{value} ({tokenizer.convert_ids_to_tokens(ids[value])!r})"
+        print(f"{key}: {value}")
 
 
 def cmd_publish(args, extra: list[str]) -> int:

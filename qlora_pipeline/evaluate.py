@@ -81,6 +81,9 @@ def write_table(folder: Path, columns: dict[str, dict], task, recipe) -> tuple[P
             both = first is not None and last is not None and not name.startswith("n")
             row.append(f"{last - first:+.2f}" if both else "")
         lines.append("| " + " | ".join(row) + " |")
+    notes = [f"- {key}: {note}" for key in keys for note in columns[key]["metrics"].get("notes") or []]
+    if notes:
+        lines += ["", "Notes:", "", *notes]
     for key in keys:
         matrix = columns[key]["metrics"].get("confusion_matrix")
         if matrix:

@@ -308,7 +308,9 @@ def merge_task_model(
         }
         print("\n== merge fidelity: export vs. the model as trained (task metric, held-out rows) ==")
         for name in headline:
-            print(f"{name:<14} {reference.get(name)!s:>10} trained → {candidate.get(name)!s:>10} export")
+            before, after = reference.get(name), candidate.get(name)
+            shown = [f"{v:.2f}" if isinstance(v, (int, float)) else "n/a" for v in (before, after)]
+            print(f"{name:<14} {shown[0]:>8} trained → {shown[1]:>8} export")
         print(f"verdict        {'passed' if passed else 'FAILED: ' + report['failure']}")
         if not passed:
             failed_report = export_dir.parent / f"{export_dir.name}.fidelity-failed.json"

@@ -124,7 +124,8 @@ def load_base_model(
     Shared by training and by merge/inference, which rebuild the model as trained. `model_class`: the task's Auto
     class (default AutoModelForCausalLM); `model_kwargs` go to from_pretrained (num_labels, id2label…).
     Returns (model, resized)."""
-    if model_class is None:
+    causal = model_class is None
+    if causal:
         from transformers import AutoModelForCausalLM as model_class
 
     name = resolve_model_path(model_args.model_name_or_path)
@@ -134,7 +135,9 @@ def load_base_model(
             revision=model_args.model_revision,
             quantization_config=quantization,
             dtype=dtype,
-            attn_implementation=model_args.attn_implementation or "sdpa",
+            # sdpa for the causal LM (packing relies on it); other tasks' classes pick their own unless the recipe
+            # names one (GPT-Neo's local attention has no sdpa kernel).
+            attn_implementation=model_args.attn_implementation or ("sdpa" if causal else None),
             device_map=device_map,
             trust_remote_code=training_args.trust_remote_code,
             use_safetensors=True,

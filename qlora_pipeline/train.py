@@ -441,6 +441,7 @@ def run(
         "eval_loss_before": eval_before.get("before_loss"),
         "eval_loss_after": eval_after.get("eval_loss"),
         "task": task.name,
+        "classes": prepared.extra.get("class_names"),
         "task_metrics": {key: metrics for key, metrics in task_metrics.items() if metrics} or None,
         "train_runtime_s": round(runtime, 2),
         "wall_time_s": round(time.time() - started, 2),
