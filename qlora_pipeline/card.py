@@ -644,7 +644,8 @@ def _results(summary: dict | None) -> str:
     metrics = summary.get("task_metrics") or {}
     before, after = metrics.get("before") or {}, metrics.get("after") or {}
     for name, value in after.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not name.startswith("n"):
+        counted = name == "n" or name.startswith("n_") or name.endswith("_n")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not counted:
             earlier = before.get(name)
             rows.append((f"{name} (held out)", f"{_number(earlier)} before → {_number(value)} after"))
     rows = [(k, v) for k, v in rows if v is not None]

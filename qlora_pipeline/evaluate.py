@@ -45,7 +45,11 @@ def _format(value) -> str:
         return "n/a"
     if isinstance(value, int):
         return str(value)
-    return f"{value:.2f}" if abs(value) >= 1 else f"{value:.4f}"
+    return f"{value:.2f}" if abs(value) >= 1 or value == 0 else f"{value:.4f}"
+
+
+def _is_count(name: str) -> bool:
+    return name == "n" or name.startswith("n_") or name.endswith("_n")
 
 
 def write_table(folder: Path, columns: dict[str, dict], task, recipe) -> tuple[Path, Path]:
@@ -78,7 +82,7 @@ def write_table(folder: Path, columns: dict[str, dict], task, recipe) -> tuple[P
         row = [f"**{name}**" if name in headline else name, *map(_format, values)]
         if len(keys) > 1:
             first, last = values[0], values[-1]
-            both = first is not None and last is not None and not name.startswith("n")
+            both = first is not None and last is not None and not _is_count(name)
             row.append(f"{last - first:+.2f}" if both else "")
         lines.append("| " + " | ".join(row) + " |")
     notes = [f"- {key}: {note}" for key in keys for note in columns[key]["metrics"].get("notes") or []]

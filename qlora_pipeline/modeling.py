@@ -177,12 +177,18 @@ def lora_config(model_args):
     from peft import LoraConfig
 
     targets = model_args.lora_target_modules or "all-linear"
+    task_type = model_args.lora_task_type
+    if task_type == "QUESTION_ANS":
+        # peft 0.21's PeftModelForQuestionAnswering.forward drops token_type_ids, so BERT would train and be scored
+        # with every token in segment 0 while the merged export sees the real segments. The plain PeftModel passes
+        # every input on; modules_to_save (qa_outputs, set by the task) keeps the new head trained in full.
+        task_type = None
     return LoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
         bias=model_args.lora_bias,
-        task_type=model_args.lora_task_type,
+        task_type=task_type,
         target_modules=targets,
         modules_to_save=model_args.lora_modules_to_save,
         use_dora=model_args.use_dora,

@@ -68,6 +68,8 @@ def resolve_model(name: str) -> str:
             f"unknown embedded model {name!r}; available: {', '.join(EMBEDDED_PREFIX + k for k in BUILDERS)}"
         )
     target = cache_root() / f"{key}-v{BUILD_VERSION}"
+    if key in TRAINED_ON_SAMPLES:  # their tokenizers are learnt from the samples: new samples, new build
+        target = target.with_name(f"{target.name}-{samples_fingerprint()}")
     if (target / "config.json").is_file():
         return str(target)
     from filelock import FileLock
@@ -85,6 +87,17 @@ def resolve_model(name: str) -> str:
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
     return str(target)
+
+
+def samples_fingerprint() -> str:
+    """A short hash of the shipped sample files, which the trained tokenizers (BERT's, T5's) are learnt from."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    folder = resources.files("qlora_pipeline.samples")
+    for name in sorted(SAMPLES.values()):
+        digest.update(name.encode() + b"\x00" + folder.joinpath(name).read_bytes())
+    return digest.hexdigest()[:10]
 
 
 def _mistral_sentencepiece_model() -> Path:
@@ -231,6 +244,10 @@ and even then it only shows that the pipeline works.
 License: Apache-2.0, as Starling-LM-7B-alpha and the Mistral-7B tokenizer.
 """
     write_card(folder, name, body, license="apache-2.0", pipeline_tag="text-generation", tags=["mistral"])
+
+
+# Embedded models whose tokenizer the project trains on its sample files (no real one ships offline).
+TRAINED_ON_SAMPLES = ("tiny-bert", "tiny-t5")
 
 
 def _lazy(target: str):
