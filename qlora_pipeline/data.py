@@ -154,7 +154,7 @@ def instruction_columns(data_args) -> Columns:
 
 
 @contextlib.contextmanager
-def _quiet_progress(quiet: bool = True):
+def quiet_progress(quiet: bool = True):
     """`datasets` progress bars off: reading a file is quick, and its bar would only stand between a bad row and
     its one-line error."""
     import datasets
@@ -172,7 +172,7 @@ def _quiet_progress(quiet: bool = True):
 def load_rows(name: str, data_args, split: str | None = None, columns: Columns | None = None) -> RowSource:
     """Load and check a dataset from a Hub id, a local file or folder, or an embedded sample. `columns`: what each
     row must hold (default: the causal-LM task's instruction/input/output)."""
-    with _quiet_progress():
+    with quiet_progress():
         return _load_and_check(name, data_args, split, columns or instruction_columns(data_args))
 
 
@@ -337,7 +337,7 @@ def _scan_json_file(path: Path, bad: _BadRows, used: set[str]) -> Scan:
             rows.append((where, {k: v for k, v in value.items() if k in used}))
             keys.update(dict.fromkeys(value))
         else:
-            bad(where, f"expected {expected}, got {_kind(value)}")
+            bad(where, f"expected {expected}, got {kind_of(value)}")
 
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
@@ -396,7 +396,7 @@ def _scan_csv_file(path: Path, bad: _BadRows, used: set[str]) -> Scan:
     return rows, blank, header
 
 
-def _kind(value) -> str:
+def kind_of(value) -> str:
     """A value's type in JSON's words."""
     if isinstance(value, bool):
         return "true/false"
@@ -426,13 +426,13 @@ def _row_problem(row: dict, spec: Columns) -> str | None:
             continue
         if not isinstance(value, str):
             expected = "text or a whole number" if column in spec.labels else "text"
-            return f"'{column}' must be {expected}, got {_kind(value)}"
+            return f"'{column}' must be {expected}, got {kind_of(value)}"
         if not value.strip():
             return f"'{column}' is empty"
     for _, column in spec.optional:
         value = row.get(column)
         if value is not None and not isinstance(value, str):
-            return f"'{column}' must be text or null, got {_kind(value)}"
+            return f"'{column}' must be text or null, got {kind_of(value)}"
     return None
 
 
@@ -632,9 +632,9 @@ def tokenize(
             ]
         ).encode()
     ).hexdigest()[:16]
-    from_cache = _cache_file_exists(dataset, fingerprint)
+    from_cache = cache_file_exists(dataset, fingerprint)
     # With overlong: error the run may stop on a row; a progress bar would stand between it and the one-line error.
-    with _quiet_progress(data_args.overlong == "error"):
+    with quiet_progress(data_args.overlong == "error"):
         encoded = dataset.map(
             encode,
             batched=True,
@@ -670,7 +670,7 @@ def tokenize(
     )
 
 
-def _cache_file_exists(dataset, fingerprint: str) -> bool:
+def cache_file_exists(dataset, fingerprint: str) -> bool:
     """Whether `datasets` already holds the mapped result for this fingerprint (it then reads it instead)."""
     files = getattr(dataset, "cache_files", None)
     if not files:

@@ -74,7 +74,11 @@ def write_table(folder: Path, columns: dict[str, dict], task, recipe) -> tuple[P
     lines = [f"# Evaluation: {task.name}", ""]
     lines += [f"- **{key}**: {columns[key]['model']}" for key in keys]
     held_out = recipe.data.eval_file or f"{recipe.data.eval_split_size} of {recipe.data.dataset_name} held out"
-    lines += [f"- held-out rows: {held_out} (seed {recipe.training.seed})", ""]
+    caps = [n for n in (recipe.data.max_eval_samples, recipe.task.metric_max_samples) if n]
+    count = next((c["metrics"]["n"] for c in columns.values() if isinstance(c["metrics"].get("n"), int)), None)
+    scored = f", at most {min(caps)} rows" if caps else ""
+    scored += f"; {count} scored" if count is not None else ""
+    lines += [f"- held-out rows: {held_out} (seed {recipe.training.seed}{scored})", ""]
     header = ["metric", *keys] + (["change"] if len(keys) > 1 else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in names:

@@ -258,8 +258,8 @@ def tokenize_split(dataset, tokenizer, recipe, label2id: dict[str, int], name: s
         return encoded
 
     fingerprint = _fingerprint(dataset, tokenizer, recipe, label2id)
-    from_cache = data_mod._cache_file_exists(dataset, fingerprint)
-    with data_mod._quiet_progress(policy == "error"):
+    from_cache = data_mod.cache_file_exists(dataset, fingerprint)
+    with data_mod.quiet_progress(policy == "error"):
         encoded = dataset.map(
             encode,
             batched=True,

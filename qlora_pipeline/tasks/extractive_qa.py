@@ -200,12 +200,12 @@ def load_examples(name: str, recipe, tokenizer=None) -> data_mod.RowSource:
     """The questions of a SQuAD JSON file or of flat rows, checked, as a RowSource whose dataset holds
     {id, context, question, answers: {text, answer_start}}. With `tokenizer`, a question too long to leave room for
     the context in a window is a bad row too."""
-    from qlora_pipeline.data import _quiet_progress
+    from qlora_pipeline.data import quiet_progress
 
     resolved = tiny.resolve_sample(name) if tiny.is_embedded(name) else name
     problems = _Problems(recipe.data.on_bad_rows == "skip", [])
     path = Path(resolved).expanduser()
-    with _quiet_progress():
+    with quiet_progress():
         if path.is_file() and path.suffix.lower() == ".json" and _starts_with_object(path):
             rows, wheres, rows_read, notes = read_squad_json(path, problems)
         else:
@@ -270,7 +270,7 @@ def read_squad_json(path: Path, problems: _Problems):
     except json.JSONDecodeError as exc:
         raise DataError(f"{name}:{exc.lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from None
     if not isinstance(document, dict) or not isinstance(document.get("data"), list):
-        found = "no 'data' key" if isinstance(document, dict) else f"{data_mod._kind(document)}"
+        found = "no 'data' key" if isinstance(document, dict) else f"{data_mod.kind_of(document)}"
         raise DataError(f"{name}: not SQuAD JSON: expected an object with a 'data' list of articles, found {found}")
     lines = _id_lines(text)
     rows, wheres, seen = [], [], {}
@@ -337,7 +337,7 @@ def _example(qa: dict, context: str) -> dict:
 def _squad_question_problem(qa, context, seen: dict, where: data_mod.Where) -> str | None:
     """What makes one SQuAD question untrainable, or None (its id then joins `seen`)."""
     if not isinstance(qa, dict):
-        return f"expected a question object, got {data_mod._kind(qa)}"
+        return f"expected a question object, got {data_mod.kind_of(qa)}"
     if not isinstance(context, str) or not context.strip():
         return "its paragraph's 'context' is " + ("missing" if context is None else "empty or not text")
     problem = _text_problem(qa, "question") or _id_problem(qa.get("id"), seen, where)
@@ -346,16 +346,16 @@ def _squad_question_problem(qa, context, seen: dict, where: data_mod.Where) -> s
     answers = qa.get("answers", [])
     impossible = qa.get("is_impossible")
     if impossible is not None and not isinstance(impossible, bool):
-        return f"'is_impossible' must be true or false, got {data_mod._kind(impossible)}"
+        return f"'is_impossible' must be true or false, got {data_mod.kind_of(impossible)}"
     if not isinstance(answers, list):
-        return f"'answers' must be a list of {{text, answer_start}}, got {data_mod._kind(answers)}"
+        return f"'answers' must be a list of {{text, answer_start}}, got {data_mod.kind_of(answers)}"
     if impossible and answers:
         return f"'is_impossible' is true but it has {len(answers)} answer(s)"
     if impossible is False and not answers:
         return "no answers, and 'is_impossible' is false"
     for number, answer in enumerate(answers):
         if not isinstance(answer, dict):
-            return f"answer {number}: expected {{text, answer_start}}, got {data_mod._kind(answer)}"
+            return f"answer {number}: expected {{text, answer_start}}, got {data_mod.kind_of(answer)}"
         problem = _answer_problem(answer.get("text"), answer.get("answer_start"), context)
         if problem:
             return f"answer {number}: {problem}"
@@ -367,7 +367,7 @@ def _text_problem(row: dict, column: str) -> str | None:
     if value is None:
         return f"'{column}' is missing" if column not in row else f"'{column}' is null"
     if not isinstance(value, str):
-        return f"'{column}' must be text, got {data_mod._kind(value)}"
+        return f"'{column}' must be text, got {data_mod.kind_of(value)}"
     if not value.strip():
         return f"'{column}' is empty"
     return None
@@ -377,7 +377,7 @@ def _id_problem(value, seen: dict, where: data_mod.Where) -> str | None:
     if value is None:
         return "'id' is missing"
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        return f"'id' must be text or a whole number, got {data_mod._kind(value)}"
+        return f"'id' must be text or a whole number, got {data_mod.kind_of(value)}"
     first = seen.setdefault(str(value), where)
     if first is not where:
         return f"duplicate id {str(value)!r} (first at {first.relative_to(where)})"
@@ -387,9 +387,9 @@ def _id_problem(value, seen: dict, where: data_mod.Where) -> str | None:
 def _answer_problem(text, start, context: str) -> str | None:
     """Why an answer does not sit where it says in the context, or None."""
     if not isinstance(text, str) or not text.strip():
-        return "'text' must be non-empty text" + ("" if text is None else f", got {data_mod._kind(text)!s}")
+        return "'text' must be non-empty text" + ("" if text is None else f", got {data_mod.kind_of(text)!s}")
     if isinstance(start, bool) or not isinstance(start, int):
-        return f"'answer_start' must be a whole number, got {data_mod._kind(start)}"
+        return f"'answer_start' must be a whole number, got {data_mod.kind_of(start)}"
     found = context[start : start + len(text)] if 0 <= start < len(context) else ""
     if found == text:
         return None
@@ -464,7 +464,7 @@ def _flat_answers(value, context: str, column: str):
         except json.JSONDecodeError as exc:
             return None, f"'{column}' is not valid JSON: {exc.msg}"
     if not isinstance(value, dict) or not {"text", "answer_start"} <= set(value):
-        return None, f"'{column}' must be an object {{text: [...], answer_start: [...]}}, got {data_mod._kind(value)}"
+        return None, f"'{column}' must be an object {{text: [...], answer_start: [...]}}, got {data_mod.kind_of(value)}"
     texts, starts = value["text"], value["answer_start"]
     if not isinstance(texts, list) or not isinstance(starts, list):
         return None, f"'{column}': text and answer_start must be lists"
@@ -585,7 +585,7 @@ def tokenize_split(dataset, tokenizer, recipe, name: str) -> data_mod.TokenizedS
             ]
         ).encode()
     ).hexdigest()[:16]
-    from_cache = _cache_file_exists(dataset, fingerprint)
+    from_cache = cache_file_exists(dataset, fingerprint)
     windows = dataset.map(
         encode,
         batched=True,
@@ -621,7 +621,7 @@ def windows_note(split: data_mod.TokenizedSplit, name: str) -> str:
     )
 
 
-def _cache_file_exists(dataset, fingerprint: str) -> bool:
+def cache_file_exists(dataset, fingerprint: str) -> bool:
     files = getattr(dataset, "cache_files", None)
     if not files:
         return False
