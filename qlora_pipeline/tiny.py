@@ -27,7 +27,7 @@ from qlora_pipeline.templates import STARLING_CHAT_TEMPLATE, STARLING_END_OF_TUR
 EMBEDDED_PREFIX = "embedded:"
 STARLING_PAD = "<|pad_0|>"
 # Bump when a builder changes, so caches built by older code are not reused.
-BUILD_VERSION = "2"
+BUILD_VERSION = "3"
 # Wider than the usual 0.02: a random head that small caps every logit near 2.5 behind the frozen final norm, so a
 # LoRA adapter could barely lower the loss. At 0.1 the head has the range of a trained one and the demo visibly
 # learns (measured: eval loss 11.0 -> 8.5 in 30 steps, against 10.4 -> 9.8 at 0.02).

@@ -49,6 +49,11 @@ class CausalLMTask(Task):
             evaluation = (
                 data_mod.tokenize(eval_set, tokenizer, template, recipe.data, max_length, "eval") if eval_set else None
             )
+        if recipe.task.generation_metric == "symptoms" and eval_set is not None:
+            from qlora_pipeline.tasks.symptoms_metric import check_rows
+
+            where = recipe.data.eval_file or recipe.data.dataset_name
+            notes += check_rows(eval_set, recipe.data.instruction_column, recipe.data.output_column, where)
         for split in filter(None, (train, evaluation)):
             if len(split.dataset) == 0:
                 raise PipelineError(
