@@ -1,4 +1,4 @@
-"""Train: recipe → data → model → SFTTrainer → run folder.
+"""Train: recipe → data → model → the task's trainer (qlora_pipeline/tasks/) → run folder.
 
 A run folder holds:
   adapter/            the LoRA adapter (safetensors), the tokenizer it was trained with, its model card
@@ -6,6 +6,7 @@ A run folder holds:
   recipe.yaml         the fully resolved recipe (no credentials), reloadable as a recipe
   metrics.jsonl       every log line of the trainer, one JSON object per line
   summary.json        the end-of-run summary that is also printed
+  evaluation.json/.md the task metric on the held-out rows, before and after training (tasks with a metric)
   merged/             the merged export, once `qlora-pipeline merge` (or push_to_hub: true) has run
 """
 
