@@ -19,6 +19,7 @@ the merge dtype plus the LoRA weights (printed before loading).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -140,11 +141,7 @@ def merge(
     _free_memory()
 
     # 4. Merge and save into a temporary folder beside the target.
-    staging = export_dir.parent / f".{export_dir.name}.partial-{os.getpid()}"
-    finished = False
-    try:
-        export_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged_export(export_dir) as staging:
         print(f"[2/4] merge: adapter into the {base_mode} base weights in {dtype_name}")
         merged = _merged_model(recipe, source.adapter_dir, prepared, base_mode, dtype, device)
         merged.config.use_cache = True  # training turned the KV cache off; inference wants it
@@ -185,15 +182,6 @@ def merge(
         summary = _read_summary(source)
         repo_id = recipe.training.hub_model_id
         build_card("merged", recipe, summary, report, repo_id=repo_id).save(staging / "README.md")
-        _install(staging, export_dir)
-        finished = True
-    except (OSError, SafetensorError) as exc:  # a full disk, a quota, a read-only folder: one line, nothing left
-        raise PipelineError(
-            f"merge: could not write the export {export_dir}: {describe_os_error(exc)}; nothing was exported"
-        ) from None
-    finally:
-        if not finished:
-            shutil.rmtree(staging, ignore_errors=True)
     print(f"\nexported: {export_dir}")
     report["export_dir"] = str(export_dir)
     from qlora_pipeline import tracking
@@ -202,6 +190,25 @@ def merge(
     if where:
         print(f"W&B: fidelity figures logged to the training's run ({tracking.describe(where)})")
     return report
+
+
+@contextlib.contextmanager
+def staged_export(export_dir: Path):
+    """A hidden folder beside `export_dir` to write the export into. When the block ends without an error it is
+    renamed into place (`_install`); otherwise it is removed, so an interrupted or failed merge never leaves a folder
+    that looks complete. A full disk, a quota or a read-only folder ends it in one line."""
+    staging = export_dir.parent / f".{export_dir.name}.partial-{os.getpid()}"
+    try:
+        export_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        yield staging
+        _install(staging, export_dir)
+    except (OSError, SafetensorError) as exc:
+        raise PipelineError(
+            f"merge: could not write the export {export_dir}: {describe_os_error(exc)}; nothing was exported"
+        ) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already once installed
 
 
 def _install(staging: Path, export_dir: Path) -> None:
@@ -260,11 +267,7 @@ def merge_task_model(
     del reference_model
     _free_memory()
 
-    staging = export_dir.parent / f".{export_dir.name}.partial-{os.getpid()}"
-    finished = False
-    try:
-        export_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged_export(export_dir) as staging:
         print(f"[2/4] merge: adapter into the {base_mode} base weights in {dtype_name}")
         if base_mode == "nf4-roundtrip":  # the NF4-dequantized weights the adapter was trained against
             base = trained_base(recipe.model).dequantize(dtype=dtype)
@@ -324,15 +327,6 @@ def merge_task_model(
         build_card("merged", recipe, _read_summary(source), None, repo_id=recipe.training.hub_model_id).save(
             staging / "README.md"
         )
-        _install(staging, export_dir)
-        finished = True
-    except (OSError, SafetensorError) as exc:
-        raise PipelineError(
-            f"merge: could not write the export {export_dir}: {describe_os_error(exc)}; nothing was exported"
-        ) from None
-    finally:
-        if not finished:
-            shutil.rmtree(staging, ignore_errors=True)
     print(f"\nexported: {export_dir}")
     report["export_dir"] = str(export_dir)
     return report
