@@ -230,6 +230,7 @@ def build_card(
     if kind == "merged":
         tags.append("merged")
     license_ = recipe.export.hub_license or base_license(recipe)
+    results = _eval_results(recipe, summary, fidelity, kind)
     data = ModelCardData(
         base_model=model_name if is_hub_id(model_name) else None,
         datasets=[dataset_name] if is_hub_id(dataset_name, DATA_FILE_SUFFIXES) else None,
@@ -237,6 +238,8 @@ def build_card(
         pipeline_tag=TASK_CARDS[task][0],
         tags=tags,
         license=license_,
+        model_name=(repo_id.split("/")[-1] if repo_id else display_name(model_name)) if results else None,
+        eval_results=results or None,
     )
 
     sections = [
@@ -603,8 +606,8 @@ def _data(recipe: Recipe, summary: dict | None) -> str:
     if recipe.data.dataset_config:
         lines.append(f"- **Configuration:** {recipe.data.dataset_config}")
     lines.append(f"- **Split:** {recipe.data.dataset_split}")
-    if recipe.data.eval_file:
-        lines.append(f"- **Eval data:** {display_name(recipe.data.eval_file)}")
+    if recipe.data.eval_files:
+        lines.append(f"- **Eval data:** {', '.join(display_name(f) for f in recipe.data.eval_files)}")
     else:
         lines.append(f"- **Held out for eval:** {_format_value(recipe.data.eval_split_size)}")
     columns = [recipe.data.instruction_column, recipe.data.input_column, recipe.data.output_column]
@@ -644,12 +647,43 @@ def _results(summary: dict | None) -> str:
     metrics = summary.get("task_metrics") or {}
     before, after = metrics.get("before") or {}, metrics.get("after") or {}
     for name, value in after.items():
-        counted = name == "n" or name.startswith("n_") or name.endswith("_n")
+        last = name.rsplit("/", 1)[-1]  # SUBTASK/METRIC (the medtuned metric)
+        counted = last == "n" or last.startswith("n_") or last.endswith("_n")
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not counted:
             earlier = before.get(name)
             rows.append((f"{name} (held out)", f"{_number(earlier)} before → {_number(value)} after"))
     rows = [(k, v) for k, v in rows if v is not None]
     return "\n".join(["## Results", "", _table(rows, ("metric", "value"))])
+
+
+def _eval_results(recipe: Recipe, summary: dict | None, fidelity: dict | None, kind: str) -> list:
+    """`model-index` entries for a generation metric's held-out scores, so the Hub shows them: the trained adapter's
+    (summary.json), or for a merged export the export's own (fidelity.json). Counts are left out."""
+    from huggingface_hub import EvalResult
+
+    if recipe.task.generation_metric == "none":
+        return []
+    scores = ((fidelity or {}).get("task_metrics") or {}).get("export") if kind == "merged" else None
+    scores = scores or ((summary or {}).get("task_metrics") or {}).get("after") or {}
+    dataset = display_name(recipe.data.dataset_name)
+    results = []
+    for name, value in scores.items():
+        subtask, _, metric = name.rpartition("/")
+        counted = metric == "n" or metric.startswith("n_")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or counted or metric == "score":
+            continue
+        results.append(
+            EvalResult(
+                task_type="text-generation",
+                dataset_type=dataset,
+                dataset_name=f"{dataset} held out" + (f": {subtask}" if subtask else ""),
+                dataset_config=subtask or None,  # the Hub groups results by type and config: one group a subtask
+                metric_type=metric,
+                metric_name=f"{subtask} {metric}".strip(),
+                metric_value=value,
+            )
+        )
+    return results
 
 
 def _number(value) -> str:
@@ -684,6 +718,13 @@ def _fidelity(fidelity: dict) -> str:
         ),
         ("passed", fidelity.get("passed")),
     ]
+    task_metrics = fidelity.get("task_metrics") or {}
+    for name in task_metrics.get("changes") or {}:
+        trained, export = task_metrics["reference"].get(name), task_metrics["export"].get(name)
+        rows.insert(-1, (f"{name} (task metric)", f"{_number(trained)} trained → {_number(export)} export"))
+    if task_metrics.get("compared"):
+        same = f"{task_metrics['identical_predictions']} of {task_metrics['compared']}"
+        rows.insert(-1, ("identical task answers", same))
     rows = [(k, v) for k, v in rows if v is not None]
     text = [
         "## Merge fidelity",

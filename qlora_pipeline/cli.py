@@ -103,14 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="the task's metric on the held-out rows, untrained vs trained, as one table",
         description="Run the recipe's task metric (F1/EM for QA, accuracy/F1/AUC for classification, symptom F1 "
-        "for the symptoms recipe…) on its held-out rows. A run folder: the untrained base ('before') and the run's "
-        "adapter ('after'). A recipe file: the untrained base. --model adds an adapter folder, a merged export or "
-        "model folder, or a Hub id. The table is saved as evaluation.json and evaluation.md in the run folder "
+        "for the symptoms recipe, MedTuned task scores per subtask…) on its held-out rows. A run folder: the untrained "
+        "base ('before'), the run's adapter ('after') and its merged export where there is one ('merged'). A recipe "
+        "file: the untrained base. --model (repeatable) adds an adapter folder, a merged export or model folder, or "
+        "a Hub id. The table is saved as evaluation.json and evaluation.md in the run folder "
         "(the recipe's output_dir).",
         epilog=OVERRIDES_HELP,
     )
     evaluate.add_argument("target", metavar="RECIPE_OR_RUN", help="recipe YAML file or run folder")
-    evaluate.add_argument("--model", metavar="PATH_OR_ID", help="also evaluate this adapter, model folder or Hub id")
+    evaluate.add_argument(
+        "--model",
+        action="append",
+        metavar="PATH_OR_ID",
+        help="also evaluate this adapter, model folder or Hub id (repeatable)",
+    )
     evaluate.set_defaults(handler=cmd_evaluate)
 
     generate = commands.add_parser(

@@ -51,9 +51,12 @@ class DataArguments:
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
-    eval_file: str | None = field(
+    eval_file: list[str] | None = field(
         default=None,
-        metadata={"help": "A separate eval dataset (same forms as dataset_name); else a split is held out."},
+        metadata={
+            "help": "A separate eval dataset (same forms as dataset_name), or a list of them (causal_lm: each scored "
+            "under its own name by the generation metric); else a split is held out."
+        },
     )
     eval_split_size: float = field(
         default=0.1,
@@ -88,7 +91,14 @@ class DataArguments:
         },
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval rows."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N eval rows (of each eval file, where several)."}
+    )
+
+    @property
+    def eval_files(self) -> list[str]:
+        """eval_file as a list: a recipe gives one path or several."""
+        return [self.eval_file] if isinstance(self.eval_file, str) else list(self.eval_file or [])
 
 
 @dataclass
@@ -102,11 +112,20 @@ class TaskArguments:
             "(text → label) or seq2seq (T5-style generative QA)."
         },
     )
-    generation_metric: Literal["none", "symptoms"] = field(
+    generation_metric: Literal["none", "symptoms", "medtuned"] = field(
         default="none",
         metadata={
             "help": "causal_lm: a metric on generated answers besides the eval loss. symptoms: symptom-set "
-            "precision/recall/F1 for 'What are the symptoms of X?' and top-1 accuracy for symptoms → disease."
+            "precision/recall/F1 for 'What are the symptoms of X?' and top-1 accuracy for symptoms → disease. "
+            "medtuned: Llama2-MedTuned tasks scored by family: NER entity F1 (seqeval), single-label accuracy and "
+            "F1 (relation extraction, NLI, classification), multi-label F1, per subtask."
+        },
+    )
+    metric_family_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "generation_metric medtuned: a column naming each row's family (ner, single_label, multi_label, "
+            "none); empty: recognised from the gold answer and the instruction."
         },
     )
     text_column: str = field(default="text", metadata={"help": "classification: column holding the text."})
@@ -194,8 +213,9 @@ class ExportArguments:
     merge_max_metric_change: float = field(
         default=1.0,
         metadata={
-            "help": "QA, classification and seq2seq tasks: the merge fails, exporting nothing, if a headline task "
-            "metric of the export differs from the trained model's by more than this many points."
+            "help": "The merge fails, exporting nothing, if a headline task metric of the export (QA, classification, "
+            "seq2seq; causal_lm with a generation_metric) differs from the trained model's by more than this many "
+            "points."
         },
     )
     hub_license: str | None = field(
@@ -616,6 +636,8 @@ def _check_task(values: dict[str, Any], fail) -> list[str]:
             fail("packing", f"packs causal-LM examples; task '{task.name}' pads each batch to its longest example")
         if values["generation_metric"] != "none":
             fail("generation_metric", f"is a causal_lm setting; task '{task.name}' has its own metric")
+        if len(values["eval_file"] or []) > 1:
+            fail("eval_file", f"takes one file for task '{task.name}'; several are for causal_lm")
     if values["use_peft"]:
         # TRL's default is CAUSAL_LM, so that value cannot tell a recipe's choice from the default.
         if values["lora_task_type"] not in ("CAUSAL_LM", task.peft_task_type):

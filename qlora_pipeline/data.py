@@ -38,6 +38,8 @@ LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "
 TOKENIZE_VERSION = "1"
 # Column that carries each row's location through the split when overlong: error must name the row.
 ROW_COLUMN = "__row__"
+# Column of the held-out rows when they come from several eval files: the short name of each row's file.
+SOURCE_COLUMN = "__source__"
 SKIPPED_FILE = "skipped_rows.jsonl"
 UTF8_BOM = b"\xef\xbb\xbf"
 
@@ -58,6 +60,14 @@ class Where:
         """One line of skipped_rows.jsonl."""
         where = {"line": self.line} if self.line is not None else {"line": None, "row": self.row}
         return {"file": self.file, **where, "reason": reason}
+
+    @classmethod
+    def parse(cls, text: str) -> Where:
+        """The Where that str() wrote (the ROW_COLUMN value back)."""
+        file, _, place = text.rpartition(":")
+        if place.strip().startswith("row "):
+            return cls(file, row=int(place.strip()[4:]))
+        return cls(file, line=int(place))
 
     def relative_to(self, other: Where) -> str:
         """This row named briefly in a message about another: 'line 3' (or 'row 3') in the same file, else in full."""
@@ -528,11 +538,14 @@ def accounting(train: RowSource, eval_source: RowSource | None, train_set, eval_
     return {"rows_read": read, "skipped": skipped, "unused": read - skipped - used}
 
 
-def split_train_eval(train: RowSource, data_args, seed: int, eval_source: RowSource | None = None):
-    """Deterministic split by seed, or the given eval set. Returns (train Dataset, eval Dataset or None)."""
-    dataset = _with_row_names(train, data_args)
+def split_train_eval(
+    train: RowSource, data_args, seed: int, eval_source: RowSource | None = None, locate: bool = False
+):
+    """Deterministic split by seed, or the given eval set. Returns (train Dataset, eval Dataset or None). `locate`:
+    every row carries its file:line in ROW_COLUMN (always with overlong: error)."""
+    dataset = _with_row_names(train, data_args, locate)
     if eval_source is not None:
-        eval_dataset = _with_row_names(eval_source, data_args)
+        eval_dataset = _with_row_names(eval_source, data_args, locate)
     elif data_args.eval_split_size:
         size = data_args.eval_split_size
         test_size = int(size) if size >= 1 else size
@@ -548,16 +561,43 @@ def split_train_eval(train: RowSource, data_args, seed: int, eval_source: RowSou
         eval_dataset = None
     if data_args.max_train_samples:
         dataset = dataset.select(range(min(data_args.max_train_samples, len(dataset))))
-    if eval_dataset is not None and data_args.max_eval_samples:
+    # Several eval files were capped file by file when they were combined (combine_sources).
+    several = eval_dataset is not None and SOURCE_COLUMN in eval_dataset.column_names
+    if eval_dataset is not None and data_args.max_eval_samples and not several:
         eval_dataset = eval_dataset.select(range(min(data_args.max_eval_samples, len(eval_dataset))))
     return dataset, eval_dataset
 
 
-def _with_row_names(source: RowSource, data_args):
-    """With overlong: error, each row carries its location through the split, for the message that names it."""
-    if data_args.overlong != "error":
+def _with_row_names(source: RowSource, data_args, locate: bool = False):
+    """With overlong: error (or `locate`), each row carries its location through the split, for the message that
+    names it."""
+    if (data_args.overlong != "error" and not locate) or ROW_COLUMN in source.dataset.column_names:
         return source.dataset
     return source.dataset.add_column(ROW_COLUMN, [source.row(i) for i in range(len(source.dataset))])
+
+
+def combine_sources(sources: list[RowSource], names: list[str], cap: int | None) -> RowSource:
+    """Several held-out files as one: the first `cap` rows of each (max_eval_samples), each row with its location
+    (ROW_COLUMN) and its file's short name (SOURCE_COLUMN); counts and notes added up."""
+    import datasets
+
+    parts, rows = [], []
+    for source, name in zip(sources, names):
+        keep = min(cap, len(source.dataset)) if cap else len(source.dataset)
+        part = source.dataset.select(range(keep))
+        part = part.add_column(ROW_COLUMN, [source.row(i) for i in range(keep)])
+        parts.append(part.add_column(SOURCE_COLUMN, [name] * keep))
+        rows += [Where.parse(source.row(i)) for i in range(keep)]
+    columns = set.intersection(*(set(part.column_names) for part in parts))
+    parts = [part.select_columns([c for c in part.column_names if c in columns]) for part in parts]
+    return RowSource(
+        datasets.concatenate_datasets(parts),
+        ", ".join(source.name for source in sources),
+        rows,
+        sum(source.rows_read for source in sources),
+        [record for source in sources for record in source.skipped],
+        [note for source in sources for note in source.notes],
+    )
 
 
 def tokenizer_fingerprint(tokenizer, template: PromptTemplate) -> str:

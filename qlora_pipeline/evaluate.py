@@ -4,7 +4,10 @@
 measures again from what is saved:
   - a run folder (recipe.yaml + adapter/): the untrained base ("before") and the base + the run's adapter ("after");
   - a recipe file: the untrained base;
-  - `--model X` adds X: an adapter folder (on the recipe's base), a merged export or model folder, or a Hub id.
+  - `--model X` (repeatable) adds X: an adapter folder (on the recipe's base), a merged export or model folder, or
+    a Hub id; a run's own merged export (merged/) is added without asking.
+A generation metric keeps every answer under generations/ in the run folder, one file per model and held-out source,
+and the table says how many answers of each further model are identical to the trained adapter's.
 The held-out rows are the recipe's (same seed, same split). Every model of the table starts from the same seed, so a
 new head (QA, classification) is initialised as it was in training and "before" here equals "before" in the run.
 The table is written to the run folder (the recipe's output_dir) as evaluation.json and evaluation.md.
@@ -21,6 +24,8 @@ from qlora_pipeline.errors import PipelineError
 
 JSON_FILE = "evaluation.json"
 MARKDOWN_FILE = "evaluation.md"
+# Where the generation metrics keep every answer: one JSONL file per model and held-out source.
+GENERATIONS_DIR = "generations"
 
 
 def measure(task, model, prepared, recipe) -> dict:
@@ -34,6 +39,44 @@ def measure(task, model, prepared, recipe) -> dict:
             return task.evaluate(model, prepared, recipe)
     finally:
         model.train(was_training)
+
+
+def keep_generations(metrics: dict, folder: Path | None, key: str) -> dict:
+    """Move a generation metric's per-row records (`rows`) out of `metrics` into GENERATIONS_DIR/KEY-SOURCE.jsonl
+    under `folder` (nothing is written without a folder: a rank other than the main one); the files are listed in
+    metrics["generations"]. Returns `metrics`."""
+    rows = metrics.pop("rows", None)
+    if not rows or folder is None:
+        return metrics
+    by_source: dict[str, list[dict]] = {}
+    for row in rows:
+        by_source.setdefault(row["source"], []).append(row)
+    target = Path(folder) / GENERATIONS_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for source, records in by_source.items():
+        path = target / f"{key}-{source}.jsonl"
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        written.append(str(path))
+    metrics["generations"] = written
+    return metrics
+
+
+def identical_predictions(folder: Path, first: str, second: str) -> tuple[int, int] | None:
+    """(identical, compared): how many rows two models of one table answered word for word the same, from their
+    generation files; None where either has none."""
+    target = Path(folder) / GENERATIONS_DIR
+    same = total = 0
+    for path in sorted(target.glob(f"{first}-*.jsonl")):
+        other = target / f"{second}-{path.name[len(first) + 1 :]}"
+        if not other.is_file():
+            return None
+        a = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        b = [json.loads(line) for line in other.read_text(encoding="utf-8").splitlines()]
+        pairs = [(x, y) for x, y in zip(a, b) if x["subtask"] is not None]
+        same += sum(x["prediction"] == y["prediction"] for x, y in pairs)
+        total += len(pairs)
+    return (same, total) if total else None
 
 
 def _numbers(metrics: dict) -> dict[str, float]:
@@ -63,7 +106,7 @@ def write_table(folder: Path, columns: dict[str, dict], task, recipe) -> tuple[P
     record = {
         "task": task.name,
         "recipe": recipe.source,
-        "dataset": recipe.data.eval_file or recipe.data.dataset_name,
+        "dataset": ", ".join(recipe.data.eval_files) or recipe.data.dataset_name,
         "headline": headline,
         "models": columns,
     }
@@ -73,22 +116,39 @@ def write_table(folder: Path, columns: dict[str, dict], task, recipe) -> tuple[P
     keys = list(columns)
     lines = [f"# Evaluation: {task.name}", ""]
     lines += [f"- **{key}**: {columns[key]['model']}" for key in keys]
-    held_out = recipe.data.eval_file or f"{recipe.data.eval_split_size} of {recipe.data.dataset_name} held out"
+    files = recipe.data.eval_files
+    held_out = ", ".join(files) or f"{recipe.data.eval_split_size} of {recipe.data.dataset_name} held out"
     caps = [n for n in (recipe.data.max_eval_samples, recipe.task.metric_max_samples) if n]
     count = next((c["metrics"]["n"] for c in columns.values() if isinstance(c["metrics"].get("n"), int)), None)
-    scored = f", at most {min(caps)} rows" if caps else ""
+    scored = f", at most {min(caps)} rows" + (" of each file" if len(files) > 1 else "") if caps else ""
     scored += f"; {count} scored" if count is not None else ""
     lines += [f"- held-out rows: {held_out} (seed {recipe.training.seed}{scored})", ""]
     header = ["metric", *keys] + (["change"] if len(keys) > 1 else [])
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in names:
-        values = [_numbers(columns[key]["metrics"]).get(name) for key in keys]
-        row = [f"**{name}**" if name in headline else name, *map(_format, values)]
-        if len(keys) > 1:
-            first, last = values[0], values[-1]
-            both = first is not None and last is not None and not _is_count(name)
-            row.append(f"{last - first:+.2f}" if both else "")
-        lines.append("| " + " | ".join(row) + " |")
+
+    def table(rows: list[str], label) -> list[str]:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for name in rows:
+            values = [_numbers(columns[key]["metrics"]).get(name) for key in keys]
+            row = [f"**{label(name)}**" if name in headline else label(name), *map(_format, values)]
+            if len(keys) > 1:
+                first, last = values[0], values[-1]
+                both = first is not None and last is not None and not _is_count(label(name))
+                row.append(f"{last - first:+.2f}" if both else "")
+            lines.append("| " + " | ".join(row) + " |")
+        return lines
+
+    # A metric named SUBTASK/NAME (the medtuned metric) goes into its subtask's own table, after the overall one.
+    overall = [name for name in names if "/" not in name]
+    lines += table(overall, str)
+    for subtask in dict.fromkeys(name.rsplit("/", 1)[0] for name in names if "/" in name):
+        rows = [name for name in names if name.rsplit("/", 1)[0] == subtask and "/" in name]
+        lines += ["", f"**{subtask}**", ""] + table(rows, lambda name: name.rsplit("/", 1)[1])
+    files = [(key, path) for key in keys for path in columns[key]["metrics"].get("generations") or []]
+    if files:
+        lines += ["", "Every answer, for reading the errors:", ""] + [f"- {key}: `{path}`" for key, path in files]
+    agreement = [(key, columns[key].get("identical_to")) for key in keys if columns[key].get("identical_to")]
+    for key, (other, same, total) in agreement:
+        lines.append(f"- {key}: {same} of {total} answers identical to {other}'s")
     notes = [f"- {key}: {note}" for key in keys for note in columns[key]["metrics"].get("notes") or []]
     if notes:
         lines += ["", "Notes:", "", *notes]
@@ -113,8 +173,9 @@ def print_table(markdown_path: Path) -> None:
 # ---------------------------------------------------------------- the command
 
 
-def evaluate(target: str, model: str | None = None, overrides: list[str] | None = None) -> Path:
-    """`qlora-pipeline evaluate`: measure the models the target names (see the module doc); returns evaluation.md."""
+def evaluate(target: str, model: str | list[str] | None = None, overrides: list[str] | None = None) -> Path:
+    """`qlora-pipeline evaluate`: measure the models the target names (see the module doc), `model` one or several
+    more; returns evaluation.md."""
     from transformers import set_seed
 
     from qlora_pipeline.config import load_recipe
@@ -133,7 +194,12 @@ def evaluate(target: str, model: str | None = None, overrides: list[str] | None 
         recipe_path, run_dir, adapter = path, None, None
     else:
         raise PipelineError(f"{path}: no such run folder or recipe file")
-    extra = _locate_model(model) if model else None
+    models = [model] if isinstance(model, str) else list(model or [])
+    extras = [(f"model{n if len(models) > 1 else ''}", name, _locate_model(name)) for n, name in enumerate(models, 1)]
+    merged = run_dir / "merged" if run_dir is not None else None
+    given = {Path(name).resolve() for name in models}
+    if merged is not None and (merged / "config.json").is_file() and merged.resolve() not in given:
+        extras.append(("merged", str(merged), ("model", str(merged))))  # the run's own export, beside the adapter
 
     recipe = load_recipe(recipe_path, overrides)
     task = get_task(recipe.task.task)
@@ -148,18 +214,23 @@ def evaluate(target: str, model: str | None = None, overrides: list[str] | None 
         raise PipelineError(f"{recipe_path}: no held-out rows to evaluate on; set eval_split_size or eval_file")
 
     wanted = [("before", "untrained: " + recipe.model.model_name_or_path, None)]
-    if adapter is not None and extra is None:
+    if adapter is not None:
         wanted.append(
             ("after", f"trained: {recipe.model.model_name_or_path} + adapter {adapter}", ("adapter", adapter))
         )
-    if extra is not None:
-        wanted.append(("model", f"{extra[0]}: {model}", extra))
+    for key, name, source in extras:
+        wanted.append((key, f"{source[0]}: {name}", source))
     columns = {}
     for key, description, source in wanted:
         set_seed(recipe.training.seed)
         loaded = _load(task, recipe, prepared, source)
         print(f"evaluating {key}: {description}", flush=True)
-        columns[key] = {"model": description, "metrics": measure(task, loaded, prepared, recipe)}
+        metrics = keep_generations(measure(task, loaded, prepared, recipe), run_dir, key)
+        columns[key] = {"model": description, "metrics": metrics}
+        if key not in ("before", "after") and "after" in columns:
+            same = identical_predictions(run_dir, "after", key)
+            if same is not None:
+                columns[key]["identical_to"] = ("after", *same)
         del loaded
     json_path, markdown_path = write_table(run_dir, columns, task, recipe)
     print_table(markdown_path)
@@ -185,6 +256,12 @@ def _load(task, recipe, prepared, source):
     """The task's model as the recipe loads it: the base (source None), base + adapter, or another model."""
     if source is not None and source[0] == "model":
         other = dataclasses.replace(recipe.model, model_name_or_path=source[1])
+        config = Path(source[1]) / "config.json"
+        if (Path(source[1]) / "fidelity.json").is_file() and config.is_file():
+            # A merged export loads as a user loads it: unquantized, in the dtype it was saved in (quantizing the
+            # merged weights again would round away what the adapter learned).
+            saved = json.loads(config.read_text()).get("dtype") or "auto"
+            other = dataclasses.replace(other, load_in_4bit=False, load_in_8bit=False, dtype=saved)
         recipe = dataclasses.replace(recipe, model=other)
     from qlora_pipeline.merge import attach_adapter, check_adapter_base
 

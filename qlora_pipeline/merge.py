@@ -137,6 +137,7 @@ def merge(
     reference = _measure(
         reference_model, examples, end_id, tokenizer, options.merge_fidelity_max_new_tokens, "reference"
     )
+    task_reference = _task_metric(recipe, reference_model, prepared)
     del reference_model
     _free_memory()
 
@@ -163,10 +164,17 @@ def merge(
 
         exported = AutoModelForCausalLM.from_pretrained(staging, dtype=dtype, device_map={"": device})
         candidate = _measure(exported, examples, end_id, tokenizer, options.merge_fidelity_max_new_tokens, "export")
+        task_candidate = _task_metric(recipe, exported, prepared)
         del exported
         _free_memory()
         report = _fidelity_report(reference, candidate, examples, tokenizer, end_id, recipe, base_mode, dtype_name)
         report["examples_from"] = examples_from
+        if task_reference is not None:
+            report["task_metrics"] = _task_fidelity(recipe, task_reference, task_candidate)
+            if not report["task_metrics"]["passed"]:
+                failure = report["task_metrics"]["failure"]
+                report["failure"] = "; ".join(filter(None, [report["failure"], failure]))
+                report["passed"] = False
         print_report(report)
         if not report["passed"]:
             failed_report = export_dir.parent / f"{export_dir.name}.fidelity-failed.json"
@@ -330,6 +338,45 @@ def merge_task_model(
     print(f"\nexported: {export_dir}")
     report["export_dir"] = str(export_dir)
     return report
+
+
+def _task_metric(recipe: Recipe, model, prepared) -> dict | None:
+    """The recipe's generation metric (symptoms, medtuned) on the held-out rows, per-row answers included; None
+    where the recipe has none or nothing is held out."""
+    from qlora_pipeline import evaluate as evaluation
+    from qlora_pipeline.tasks import get_task
+
+    task = get_task(recipe.task.task)
+    if not task.metric_names_for(recipe) or prepared.eval_rows is None:
+        return None
+    return evaluation.measure(task, model, prepared, recipe)
+
+
+def _task_fidelity(recipe: Recipe, reference: dict, candidate: dict) -> dict:
+    """The export's task scores beside the trained model's: headline changes, answers identical row for row, and
+    the verdict against merge_max_metric_change."""
+    from qlora_pipeline.tasks import get_task
+
+    rows = [(a, b) for a, b in zip(reference.pop("rows", []), candidate.pop("rows", [])) if a["subtask"] is not None]
+    headline = get_task(recipe.task.task).metric_names_for(recipe)
+    changes = {
+        name: round(candidate[name] - reference[name], 4)
+        for name in headline
+        if isinstance(reference.get(name), (int, float)) and isinstance(candidate.get(name), (int, float))
+    }
+    limit = recipe.export.merge_max_metric_change
+    worst = max(changes, key=lambda name: abs(changes[name]), default=None)
+    passed = worst is None or abs(changes[worst]) <= limit
+    return {
+        "reference": reference,
+        "export": candidate,
+        "changes": changes,
+        "identical_predictions": sum(a["prediction"] == b["prediction"] for a, b in rows),
+        "compared": len(rows),
+        "max_metric_change": limit,
+        "passed": passed,
+        "failure": None if passed else f"task metric {worst} moved by {changes[worst]:+.2f} > allowed {limit:g}",
+    }
 
 
 def describe_os_error(exc: Exception) -> str:
@@ -530,6 +577,7 @@ def print_report(report: dict) -> None:
             f"({report['perplexity_increase']:+.3%})",
         ),
         ("greedy", f"{report['greedy_identical']} of {report['prompts']} generations identical"),
+        *_task_rows(report.get("task_metrics")),
         ("verdict", "passed" if report["passed"] else f"FAILED: {report['failure']}"),
     ]
     for key, value in rows:
@@ -538,6 +586,18 @@ def print_report(report: dict) -> None:
         print(f"\n-- example {index}: {_clip(example['prompt'], 100)!r}")
         print(f"   trained: {_clip(example['reference_generation'], 100)!r}")
         print(f"   export:  {_clip(example['merged_generation'], 100)!r}")
+
+
+def _task_rows(fidelity: dict | None) -> list[tuple[str, str]]:
+    if not fidelity:
+        return []
+    rows = [
+        (name, f"{fidelity['reference'][name]:.2f} trained → {fidelity['export'][name]:.2f} export")
+        for name in fidelity["changes"]
+    ]
+    if fidelity["compared"]:
+        rows.append(("answers", f"{fidelity['identical_predictions']} of {fidelity['compared']} identical"))
+    return rows
 
 
 def _clip(text: str, width: int) -> str:

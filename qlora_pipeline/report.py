@@ -5,6 +5,7 @@
     learning_rate.png   the learning-rate schedule
     throughput.png      input tokens per second between log lines (evaluation pauses left out)
     lengths.png         training examples by token length, max_length marked
+    task_scores.png     a generation metric's subtask scores before/after (medtuned), where there are subtasks
 
 Written by `train` at the end of a run and by `qlora-pipeline report RUN_DIR` at any time after. Nothing is
 reloaded (no model, tokenizer or data): every number comes from summary.json or metrics.jsonl, and the lengths
@@ -179,6 +180,46 @@ def plot_loss(metrics: Metrics, path: Path) -> str | None:
         axes.legend()
     _save(figure, path)
     return None
+
+
+TASK_SCORES_PLOT = "task_scores.png"
+
+
+def plot_task_scores(summary: dict, path: Path) -> bool:
+    """Before/after bars per subtask of a generation metric with subtasks (medtuned): each subtask's score and the
+    share of answers that parsed. False (nothing written) for a run without subtasks."""
+    stages = summary.get("task_metrics") or {}
+    stages = {k: v for k, v in stages.items() if isinstance(v, dict)}
+    subtasks = list(dict.fromkeys(k.rsplit("/", 1)[0] for m in stages.values() for k in m if "/" in k))
+    if not subtasks:
+        return False
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(FIGSIZE[0], FIGSIZE[1] + 0.5), dpi=DPI, layout="constrained")
+    panels = figure.subplots(1, 2, sharey=True)
+    names = [*subtasks, "overall"]
+    positions = np.arange(len(names))
+    width = 0.8 / max(len(stages), 1)
+    for panel, (metric, overall, title) in zip(
+        panels,
+        (
+            ("score", "task_score", "score (NER entity F1, label macro-F1, label-set micro-F1)"),
+            ("parsed", "parsed", "answers that parsed, %"),
+        ),
+    ):
+        for number, (stage, metrics) in enumerate(stages.items()):
+            values = [metrics.get(f"{name}/{metric}") for name in subtasks] + [metrics.get(overall)]
+            heights = [v if isinstance(v, (int, float)) else 0 for v in values]
+            panel.bar(positions + (number - (len(stages) - 1) / 2) * width, heights, width, label=stage)
+        panel.set_xticks(positions, names, rotation=30, ha="right")
+        panel.set_title(title, fontsize=9)
+        panel.set_ylim(0, 100)
+        panel.grid(True, axis="y", alpha=0.3)
+    panels[0].legend()
+    figure.suptitle("Task scores on the held-out rows, per subtask")
+    _save(figure, path)
+    return True
 
 
 def plot_learning_rate(metrics: Metrics, path: Path, scheduler: str | None) -> str | None:
@@ -428,6 +469,11 @@ def write_report(run_dir: Path) -> Path:
         else:
             path.unlink(missing_ok=True)  # an old plot would contradict this report
             plot_lines += [f"_{alt} plot skipped: {reason}._", ""]
+
+    if plot_task_scores(summary, run_dir / TASK_SCORES_PLOT):
+        plot_lines += [f"![Task scores per subtask]({TASK_SCORES_PLOT})", ""]
+    else:
+        (run_dir / TASK_SCORES_PLOT).unlink(missing_ok=True)
 
     lines = [f"# Run report: {run_dir.resolve().name}", ""]
     described = [f"Run folder `{summary.get('run_dir', run_dir)}`"]

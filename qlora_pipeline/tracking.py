@@ -125,6 +125,10 @@ def finish(run, summary: dict, adapter_dir: Path, log_artifacts: bool) -> dict |
     ):
         if summary.get(key) is not None:
             run.summary[f"final/{key}"] = summary[key]
+    for stage, metrics in (summary.get("task_metrics") or {}).items():  # before/after: the task's held-out scores
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                run.summary[f"task_{stage}/{name}"] = value
     train = summary["data"]["train"]
     for key in ("rows", "examples", "tokens", "dropped", "truncated"):
         run.summary[f"data/train_{key}"] = train[key]
@@ -157,6 +161,12 @@ def log_fidelity(recipe, run_dir: Path | None, report: dict) -> dict | None:
     )
     for key in ("max_abs_logit_diff", "mean_abs_logit_diff", "perplexity_increase", "greedy_identical", "passed"):
         run.summary[f"merge/{key}"] = report[key]
+    task_metrics = report.get("task_metrics") or {}
+    for name, value in (task_metrics.get("export") or {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            run.summary[f"merge/task/{name}"] = value
+    if task_metrics.get("compared"):
+        run.summary["merge/task/identical_predictions"] = task_metrics["identical_predictions"]
     if recipe.tracking.wandb_log_artifacts and report.get("export_dir"):
         artifact = wandb.Artifact(f"fidelity-{run.id}", type="evaluation")
         artifact.add_file(str(Path(report["export_dir"]) / "fidelity.json"))

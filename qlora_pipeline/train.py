@@ -385,8 +385,10 @@ def run(
     task = get_task(recipe.task.task)
     task_metrics = {}
     measurable = has_eval and not _zero3(trainer)  # ZeRO-3 partitions the weights: the task's own loop cannot run
+    answers_dir = run_dir if state.is_main_process else None  # where a generation metric keeps every answer
     if measurable and checkpoint is None:
-        task_metrics["before"] = evaluation.measure(task, trainer.model, prepared, recipe)
+        before = evaluation.measure(task, trainer.model, prepared, recipe)
+        task_metrics["before"] = evaluation.keep_generations(before, answers_dir, "before")
     start_step = 0
     if checkpoint is not None:
         start_step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
@@ -413,7 +415,8 @@ def run(
         eval_before = {"before_loss": first["eval_loss"]}
     eval_after = final_eval(trainer) if has_eval else {}
     if measurable:
-        task_metrics["after"] = evaluation.measure(task, trainer.model, prepared, recipe)
+        after = evaluation.measure(task, trainer.model, prepared, recipe)
+        task_metrics["after"] = evaluation.keep_generations(after, answers_dir, "after")
 
     # 7. Save the adapter and tokenizer, then the summary.
     adapter_dir = run_dir / "adapter"

@@ -20,7 +20,7 @@ def _summary(run_dir):
 
 
 def test_demo_learns_and_writes_the_run_folder(tmp_path):
-    recipe = write_recipe(tmp_path / "recipe.yaml", output_dir=str(tmp_path / "run"))
+    recipe = write_recipe(tmp_path / "recipe.yaml", output_dir=str(tmp_path / "run"), generation_metric="medtuned")
     result = run_cli(
         "train",
         str(recipe),
@@ -56,6 +56,17 @@ def test_demo_learns_and_writes_the_run_folder(tmp_path):
             assert "hf_SENTINEL" not in path.read_text(errors="ignore"), path
     assert "hf_SENTINEL" not in result.stdout + result.stderr
     assert "eval loss" in result.stdout and "non-padding tokens/s" in result.stdout
+
+    # The demo's task scores: every held-out row of the sample in a subtask, generated before and after training.
+    before, after = summary["task_metrics"]["before"], summary["task_metrics"]["after"]
+    assert before["n"] == after["n"] > 0 and before["n"] + before["n_unscored"] == summary["data"]["eval"]["rows"]
+    assert before["parsed"] == 0.0, "an untrained random model writes nothing that parses"
+    assert {"ner/entity_f1", "re/accuracy", "multilabel/micro_f1"} <= set(after), sorted(after)
+    for path in after["generations"]:
+        rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+        assert len(rows) == before["n"] + before["n_unscored"] and all("where" in row for row in rows)
+    assert "**re**" in result.stdout and "task_score" in result.stdout
+    assert (run_dir / "task_scores.png").is_file() and "task_scores.png" in (run_dir / "report.md").read_text()
 
 
 def test_resume_continues_at_the_saved_step(tmp_path):

@@ -467,7 +467,7 @@ class ClassificationTask(Task):
         with PartialState().main_process_first():
             train_source = data_mod.load_rows(recipe.data.dataset_name, recipe.data, columns=wanted)
             eval_source = (
-                data_mod.load_rows(recipe.data.eval_file, recipe.data, columns=wanted)
+                data_mod.load_rows(recipe.data.eval_files[0], recipe.data, columns=wanted)
                 if recipe.data.eval_file
                 else None
             )

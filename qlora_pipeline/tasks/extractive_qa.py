@@ -67,7 +67,7 @@ class ExtractiveQATask(Task):
         tokenizer, notes = load_tokenizer(recipe)
         with PartialState().main_process_first():
             train_source = load_examples(recipe.data.dataset_name, recipe, tokenizer)
-            eval_source = load_examples(recipe.data.eval_file, recipe, tokenizer) if recipe.data.eval_file else None
+            eval_source = load_examples(recipe.data.eval_files[0], recipe, tokenizer) if recipe.data.eval_file else None
             train_set, eval_set = data_mod.split_train_eval(
                 train_source, recipe.data, recipe.training.seed, eval_source
             )

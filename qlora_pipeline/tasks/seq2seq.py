@@ -215,7 +215,7 @@ class Seq2SeqTask(Task):
         with PartialState().main_process_first():
             train_rows = data_mod.load_rows(recipe.data.dataset_name, recipe.data, columns=columns)
             eval_rows = (
-                data_mod.load_rows(recipe.data.eval_file, recipe.data, columns=columns)
+                data_mod.load_rows(recipe.data.eval_files[0], recipe.data, columns=columns)
                 if recipe.data.eval_file
                 else None
             )

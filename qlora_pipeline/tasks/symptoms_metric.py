@@ -193,50 +193,11 @@ def check_rows(rows, instruction_column: str, output_column: str, name: str = "e
 def generate_answers(
     model, tokenizer, template, questions: list[tuple[str, str | None]], max_new_tokens: int, batch_size: int = 8
 ) -> list[str]:
-    """Greedy answers to (instruction, input) pairs, prompted exactly as in training (the template's generation
-    prompt, no added special tokens: the template writes the BOS), in left-padded batches, stopping at the
-    template's end token. New text only, special tokens skipped."""
-    import torch
-    from transformers import GenerationConfig
+    """Greedy answers to (instruction, input) pairs, prompted exactly as in training, batched (generation.py)."""
+    from qlora_pipeline.tasks import generation
 
-    prompts = [
-        template.render(tokenizer, template.messages(question, extra), add_generation_prompt=True)
-        for question, extra in questions
-    ]
-    end_ids = [tokenizer.convert_tokens_to_ids(template.end_token_for(tokenizer)), tokenizer.eos_token_id]
-    end_ids = list(dict.fromkeys(i for i in end_ids if i is not None))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[0]
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=end_ids,
-        pad_token_id=pad_id,
-        use_cache=True,
-    )
-    device = next(model.parameters()).device
-    answers: list[str] = []
-    # Left padding: every prompt of a batch then ends where generation starts.
-    padding_side, pad_token = tokenizer.padding_side, tokenizer.pad_token
-    tokenizer.padding_side = "left"
-    if pad_token is None:
-        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
-    try:
-        for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(
-                prompts[start : start + batch_size], add_special_tokens=False, padding=True, return_tensors="pt"
-            ).to(device)
-            with torch.no_grad():
-                output = model.generate(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], generation_config=config
-                )
-            new_tokens = output[:, batch["input_ids"].shape[1] :]
-            answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = padding_side
-        if pad_token is None:
-            tokenizer.pad_token = None
-    return answers
+    prompts = generation.render_prompts(tokenizer, template, questions)
+    return generation.generate(model, tokenizer, template, prompts, max_new_tokens, batch_size, progress="symptoms")
 
 
 def score_answers(found: ScoredRows, answers: dict[int, str]) -> dict:
