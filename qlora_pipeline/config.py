@@ -172,6 +172,14 @@ class TaskArguments:
     metric_max_samples: int | None = field(
         default=None, metadata={"help": "Run the task metric on at most this many held-out rows (default: all)."}
     )
+    metric_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "causal_lm generation metrics: rows generated at once (default: per_device_eval_batch_size). "
+            "Generation holds a KV cache, not the full-vocabulary logits of every position the eval loss needs, so "
+            "it takes larger batches in the same memory."
+        },
+    )
 
 
 @dataclass
@@ -636,6 +644,11 @@ def _check_task(values: dict[str, Any], fail) -> list[str]:
             fail("packing", f"packs causal-LM examples; task '{task.name}' pads each batch to its longest example")
         if values["generation_metric"] != "none":
             fail("generation_metric", f"is a causal_lm setting; task '{task.name}' has its own metric")
+        if values["metric_batch_size"] is not None:
+            fail(
+                "metric_batch_size",
+                f"is for causal_lm generation metrics; task '{task.name}' batches by per_device_eval_batch_size",
+            )
         if len(values["eval_file"] or []) > 1:
             fail("eval_file", f"takes one file for task '{task.name}'; several are for causal_lm")
     if values["use_peft"]:
@@ -651,8 +664,9 @@ def _check_task(values: dict[str, Any], fail) -> list[str]:
     for key in ("doc_stride", "max_answer_length", "n_best_size", "max_target_length", "eval_max_new_tokens"):
         if values[key] < 1:
             fail(key, f"must be a positive integer, got {values[key]}")
-    if values["metric_max_samples"] is not None and values["metric_max_samples"] < 1:
-        fail("metric_max_samples", f"must be a positive integer, got {values['metric_max_samples']}")
+    for key in ("metric_max_samples", "metric_batch_size"):
+        if values[key] is not None and values[key] < 1:
+            fail(key, f"must be a positive integer, got {values[key]}")
     return task.check(values, fail)
 
 

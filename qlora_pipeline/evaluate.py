@@ -62,21 +62,11 @@ def keep_generations(metrics: dict, folder: Path | None, key: str) -> dict:
     return metrics
 
 
-def identical_predictions(folder: Path, first: str, second: str) -> tuple[int, int] | None:
-    """(identical, compared): how many rows two models of one table answered word for word the same, from their
-    generation files; None where either has none."""
-    target = Path(folder) / GENERATIONS_DIR
-    same = total = 0
-    for path in sorted(target.glob(f"{first}-*.jsonl")):
-        other = target / f"{second}-{path.name[len(first) + 1 :]}"
-        if not other.is_file():
-            return None
-        a = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-        b = [json.loads(line) for line in other.read_text(encoding="utf-8").splitlines()]
-        pairs = [(x, y) for x, y in zip(a, b) if x["subtask"] is not None]
-        same += sum(x["prediction"] == y["prediction"] for x, y in pairs)
-        total += len(pairs)
-    return (same, total) if total else None
+def same_answers(first: list[dict], second: list[dict]) -> tuple[int, int]:
+    """(identical, compared): how many scored rows two models answered word for word the same, from a generation
+    metric's per-row records of the same rows in the same order."""
+    pairs = [(a, b) for a, b in zip(first, second) if a["subtask"] is not None]
+    return sum(a["prediction"] == b["prediction"] for a, b in pairs), len(pairs)
 
 
 def _numbers(metrics: dict) -> dict[str, float]:
@@ -220,17 +210,18 @@ def evaluate(target: str, model: str | list[str] | None = None, overrides: list[
         )
     for key, name, source in extras:
         wanted.append((key, f"{source[0]}: {name}", source))
-    columns = {}
+    columns, trained_rows = {}, None
     for key, description, source in wanted:
         set_seed(recipe.training.seed)
         loaded = _load(task, recipe, prepared, source)
         print(f"evaluating {key}: {description}", flush=True)
-        metrics = keep_generations(measure(task, loaded, prepared, recipe), run_dir, key)
-        columns[key] = {"model": description, "metrics": metrics}
-        if key not in ("before", "after") and "after" in columns:
-            same = identical_predictions(run_dir, "after", key)
-            if same is not None:
-                columns[key]["identical_to"] = ("after", *same)
+        metrics = measure(task, loaded, prepared, recipe)
+        rows = metrics.get("rows")
+        columns[key] = {"model": description, "metrics": keep_generations(metrics, run_dir, key)}
+        if key == "after":
+            trained_rows = rows
+        elif key != "before" and rows and trained_rows:  # does a further model answer as the trained adapter?
+            columns[key]["identical_to"] = ("after", *same_answers(trained_rows, rows))
         del loaded
     json_path, markdown_path = write_table(run_dir, columns, task, recipe)
     print_table(markdown_path)

@@ -355,9 +355,10 @@ def _task_metric(recipe: Recipe, model, prepared) -> dict | None:
 def _task_fidelity(recipe: Recipe, reference: dict, candidate: dict) -> dict:
     """The export's task scores beside the trained model's: headline changes, answers identical row for row, and
     the verdict against merge_max_metric_change."""
+    from qlora_pipeline import evaluate as evaluation
     from qlora_pipeline.tasks import get_task
 
-    rows = [(a, b) for a, b in zip(reference.pop("rows", []), candidate.pop("rows", [])) if a["subtask"] is not None]
+    same, compared = evaluation.same_answers(reference.pop("rows", []), candidate.pop("rows", []))
     headline = get_task(recipe.task.task).metric_names_for(recipe)
     changes = {
         name: round(candidate[name] - reference[name], 4)
@@ -371,8 +372,8 @@ def _task_fidelity(recipe: Recipe, reference: dict, candidate: dict) -> dict:
         "reference": reference,
         "export": candidate,
         "changes": changes,
-        "identical_predictions": sum(a["prediction"] == b["prediction"] for a, b in rows),
-        "compared": len(rows),
+        "identical_predictions": same,
+        "compared": compared,
         "max_metric_change": limit,
         "passed": passed,
         "failure": None if passed else f"task metric {worst} moved by {changes[worst]:+.2f} > allowed {limit:g}",

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import datasets
 import pytest
-from conftest import SHARED_DATA, assert_clean_error, run_cli, write_recipe
+from conftest import SHARED_DATA, assert_clean_error, write_recipe
 
 from qlora_pipeline.tasks import medtuned_metric as mm
 
@@ -93,8 +93,10 @@ def test_the_family_column_overrides_recognition():
         {"instruction": GAD_INSTRUCTION, "input": "x", "output": "Positive", "family": "none"},
         {"instruction": GAD_INSTRUCTION, "input": "x", "output": "Negative", "family": None},
     ]
+    rows.append({"instruction": "Tag it.", "input": "x", "output": "Alpha, Beta", "family": "multi_label"})
     found = found_rows(rows, family_column="family")
-    assert [row.family for row in found] == ["single_label", None, "single_label"]
+    assert [row.family for row in found] == ["single_label", None, "single_label", "multi_label"]
+    assert found[3].gold == {"Alpha", "Beta"}, "no labels listed: the gold answer's parts are the labels"
 
 
 @pytest.mark.parametrize(
@@ -107,7 +109,7 @@ def test_the_family_column_overrides_recognition():
 )
 def test_a_gold_answer_that_does_not_parse_as_its_family_is_named(row, reason):
     with pytest.raises(ValueError, match=reason):
-        mm.recognise(row["instruction"], row["input"], row["output"], row.get("family"))
+        mm.recognise(row["instruction"], row["output"], row.get("family"))
 
 
 def test_labels_are_read_from_the_instruction_with_their_abbreviations():
@@ -349,7 +351,8 @@ def _real_rows(tmp_path):
 
 @pytest.mark.shared_data
 @pytest.mark.slow
-def test_real_medtuned_rows_train_merge_and_evaluate_with_task_scores(tmp_path):
+def test_real_medtuned_rows_train_merge_and_evaluate_with_task_scores(tmp_path, cli_in_process):
+    """Through the real commands, in this process (the torch import paid once for the three)."""
     if not (MEDTUNED / "cls_hoc-sample.jsonl").is_file():
         pytest.skip(f"{MEDTUNED} is absent: the real rows are in CI's ../shared/data only")
     train_file, held_out = _real_rows(tmp_path)
@@ -362,7 +365,7 @@ def test_real_medtuned_rows_train_merge_and_evaluate_with_task_scores(tmp_path):
         num_train_epochs=None,
     )
     # Measured: GAD and HoC answers go from unparseable to 100% parsed (GAD accuracy 0 → 31% at 50 steps).
-    train = run_cli("train", str(recipe), "--max_steps", STEPS, "--eval_strategy", "no", "--save_strategy", "no")
+    train = cli_in_process("train", str(recipe), "--max_steps", STEPS, "--eval_strategy", "no", "--save_strategy", "no")
     assert train.returncode == 0, train.stderr[-3000:]
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
@@ -378,14 +381,14 @@ def test_real_medtuned_rows_train_merge_and_evaluate_with_task_scores(tmp_path):
     for subtask in ("ner_ncbi_disease/ner", "re_gad-train/re", "cls_hoc-sample/multilabel"):
         assert f"**{subtask}**" in train.stdout
 
-    merge = run_cli("merge", str(run), "--dtype", "fp32")
+    merge = cli_in_process("merge", str(run), "--dtype", "fp32")
     assert merge.returncode == 0, merge.stdout[-2000:] + merge.stderr[-3000:]
     fidelity = json.loads((run / "merged" / "fidelity.json").read_text())["task_metrics"]
     assert fidelity["passed"] and fidelity["compared"] == 38
     assert fidelity["identical_predictions"] == 38, "nf4-roundtrip in fp32: the export answers as the trained model"
     assert "answers     38 of 38 identical" in merge.stdout
 
-    evaluate = run_cli("evaluate", str(run))
+    evaluate = cli_in_process("evaluate", str(run))
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     table = json.loads((run / "evaluation.json").read_text())["models"]
     assert list(table) == ["before", "after", "merged"]

@@ -20,6 +20,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
+def batch_size(recipe) -> int:
+    """Rows generated at once: the recipe's metric_batch_size, else its per_device_eval_batch_size."""
+    return recipe.task.metric_batch_size or recipe.training.per_device_eval_batch_size
+
+
 def render_prompts(tokenizer, template, questions: Sequence[tuple[str, str | None]]) -> list[str]:
     """The training prompt of each (instruction, input) pair, up to where the answer starts."""
     return [

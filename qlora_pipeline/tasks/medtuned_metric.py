@@ -159,7 +159,7 @@ class ScoredRow:
     options: list[str] = field(default_factory=list)
 
 
-def recognise(instruction: str, input_text: str | None, output: str, family: str | None = None):
+def recognise(instruction: str, output: str, family: str | None = None):
     """(family, subtask, gold, options) of a row, or (None, None, None, []) where no family fits; raises ValueError
     (the reason) where a family fits but the gold answer does not parse as it. `family`: the row's own, from
     `metric_family_column` (None: recognise it)."""
@@ -178,6 +178,9 @@ def recognise(instruction: str, input_text: str | None, output: str, family: str
         labels.add(option)
     multi_asked = len(labels.labels) >= 2 and _MULTI.search(instruction.lower()) is not None
     if family == "multi_label" or (family is None and multi_asked):
+        if not labels.labels:  # named by the family column, no list in the instruction: the gold parts are labels
+            for part in re.split(r"[,;\n]", output):
+                labels.add(part)
         gold, parsed = labels.parse_many(output)
         if not parsed:
             raise ValueError(f"gold answer {output[:80]!r} is not 'None' or labels the instruction lists")
@@ -212,7 +215,7 @@ def scored_rows(rows, data_args, family_column: str | None, default_source: str,
         family = (row.get(family_column) or None) if family_column else None
         family = family.strip().lower() if isinstance(family, str) else family
         try:
-            kind, subtask, gold, options = recognise(instruction, extra, output, family)
+            kind, subtask, gold, options = recognise(instruction, output, family)
         except ValueError as reason:
             bad(index, f"generation_metric medtuned: {reason}")
             continue
@@ -463,7 +466,7 @@ def evaluate_medtuned(model, tokenizer, template, found: list[ScoredRow], recipe
         template,
         prompts,
         budgets,
-        recipe.training.per_device_eval_batch_size,
+        generation.batch_size(recipe),
         progress="medtuned metric",
     )
     metrics, records = score(found, {row.index: text for row, text in zip(wanted, texts)}, sets)

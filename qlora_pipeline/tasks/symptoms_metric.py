@@ -228,6 +228,8 @@ def evaluate_symptoms(model, tokenizer, template, eval_rows, recipe) -> dict:
     {symptom_f1, symptom_precision, symptom_recall (macro) and their _micro, n_forward, disease_top1, n_reverse, n},
     percentages, plus `notes` (a list of lines) where rows were left out or a direction is missing. The caller sets
     eval mode; generation is greedy, so the result is deterministic."""
+    from qlora_pipeline.tasks import generation
+
     data, task = recipe.data, recipe.task
     if task.metric_max_samples is not None:
         eval_rows = eval_rows.select(range(min(task.metric_max_samples, len(eval_rows))))
@@ -239,6 +241,6 @@ def evaluate_symptoms(model, tokenizer, template, eval_rows, recipe) -> dict:
         template,
         [(question, extra) for _, question, extra in wanted],
         task.eval_max_new_tokens,
-        recipe.training.per_device_eval_batch_size,
+        generation.batch_size(recipe),
     )
     return score_answers(found, {index: text for (index, *_), text in zip(wanted, texts)})
