@@ -20,7 +20,9 @@ def _summary(run_dir):
 
 
 def test_demo_learns_and_writes_the_run_folder(tmp_path):
-    recipe = write_recipe(tmp_path / "recipe.yaml", output_dir=str(tmp_path / "run"), generation_metric="medtuned")
+    recipe = write_recipe(
+        tmp_path / "recipe.yaml", output_dir=str(tmp_path / "run"), generation_metric="medtuned", metric_batch_size=8
+    )
     result = run_cli(
         "train",
         str(recipe),

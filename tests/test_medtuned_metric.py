@@ -4,6 +4,7 @@ hand-computed cases (NER equal to seqeval called directly); the held-out rows ch
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
@@ -360,6 +361,7 @@ def test_real_medtuned_rows_train_merge_and_evaluate_with_task_scores(tmp_path, 
         tmp_path / "recipe.yaml",
         output_dir=str(tmp_path / "run"),
         generation_metric="medtuned",
+        metric_batch_size=8,
         dataset_name=str(train_file),
         eval_file=[str(path) for path in held_out],
         num_train_epochs=None,
@@ -463,3 +465,23 @@ def test_generation_benchmark_batched_answers_equal_one_row_at_a_time(tmp_path):
     assert result["rows"] == 12 and result["identical_answers"] == 12
     assert result["batched_rows_per_s"] > 0 and result["one_row_rows_per_s"] > 0
     assert json.loads((tmp_path / "g.json").read_text())["speedup"] == result["speedup"]
+
+
+def test_the_task_scores_reach_the_wandb_run_summary(tmp_path, monkeypatch):
+    """A real offline W&B run: the end-of-run summary holds every task score, before and after, by subtask."""
+    import wandb
+    from test_tracking import history_and_config
+
+    from qlora_pipeline import tracking
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = wandb.init(project="qlora-pipeline-test", dir=str(tmp_path), settings=wandb.Settings(silent=True))
+    train = {"rows": 4, "examples": 4, "tokens": 40, "dropped": 0, "truncated": 0}
+    before = {"task_score": 0.0, "re/accuracy": 0.0, "re/n": 4, "notes": ["not a number"]}
+    after = {"task_score": 37.5, "re/accuracy": 75.0, "re/n": 4, "generations": ["after-x.jsonl"]}
+    summary = {"data": {"train": train}, "task_metrics": {"before": before, "after": after}}
+    where = tracking.finish(run, summary, tmp_path, log_artifacts=False)
+    _, _, logged = history_and_config(Path(where["dir"]))
+    assert logged["task_after/re/accuracy"] == 75.0 and logged["task_before/re/accuracy"] == 0.0
+    assert logged["task_after/task_score"] == 37.5 and logged["task_after/re/n"] == 4
+    assert not any("notes" in key or "generations" in key for key in logged)
