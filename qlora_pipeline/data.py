@@ -587,7 +587,7 @@ def combine_sources(sources: list[RowSource], names: list[str], cap: int | None)
         part = source.dataset.select(range(keep))
         part = part.add_column(ROW_COLUMN, [source.row(i) for i in range(keep)])
         parts.append(part.add_column(SOURCE_COLUMN, [name] * keep))
-        rows += [Where.parse(source.row(i)) for i in range(keep)]
+        rows += source.rows[:keep] if source.rows is not None else [Where(source.name, row=i + 1) for i in range(keep)]
     columns = set.intersection(*(set(part.column_names) for part in parts))
     parts = [part.select_columns([c for c in part.column_names if c in columns]) for part in parts]
     return RowSource(

@@ -296,14 +296,9 @@ def merge_task_model(
         del exported
         _free_memory()
         headline = list(task.metric_names_for(recipe))
-        changes = {
-            name: candidate[name] - reference[name]
-            for name in headline
-            if isinstance(reference.get(name), (int, float)) and isinstance(candidate.get(name), (int, float))
-        }
-        worst = max(changes, key=lambda name: abs(changes[name]), default=None)
         limit = options.merge_max_metric_change
-        passed = worst is None or abs(changes[worst]) <= limit
+        changes, failure = metric_changes(headline, reference, candidate, limit)
+        passed = failure is None
         report = {
             "task": task.name,
             "base_mode": base_mode,
@@ -315,7 +310,7 @@ def merge_task_model(
             "metric_changes": changes,
             "thresholds": {"max_metric_change": limit},
             "passed": passed,
-            "failure": None if passed else f"{worst} moved by {changes[worst]:+.2f} > allowed {limit:g} points",
+            "failure": failure,
         }
         print("\n== merge fidelity: export vs. the model as trained (task metric, held-out rows) ==")
         for name in headline:
@@ -360,14 +355,8 @@ def _task_fidelity(recipe: Recipe, reference: dict, candidate: dict) -> dict:
 
     same, compared = evaluation.same_answers(reference.pop("rows", []), candidate.pop("rows", []))
     headline = get_task(recipe.task.task).metric_names_for(recipe)
-    changes = {
-        name: round(candidate[name] - reference[name], 4)
-        for name in headline
-        if isinstance(reference.get(name), (int, float)) and isinstance(candidate.get(name), (int, float))
-    }
     limit = recipe.export.merge_max_metric_change
-    worst = max(changes, key=lambda name: abs(changes[name]), default=None)
-    passed = worst is None or abs(changes[worst]) <= limit
+    changes, failure = metric_changes(headline, reference, candidate, limit)
     return {
         "reference": reference,
         "export": candidate,
@@ -375,9 +364,23 @@ def _task_fidelity(recipe: Recipe, reference: dict, candidate: dict) -> dict:
         "identical_predictions": same,
         "compared": compared,
         "max_metric_change": limit,
-        "passed": passed,
-        "failure": None if passed else f"task metric {worst} moved by {changes[worst]:+.2f} > allowed {limit:g}",
+        "passed": failure is None,
+        "failure": failure and f"task metric {failure}",
     }
+
+
+def metric_changes(headline, reference: dict, candidate: dict, limit: float) -> tuple[dict, str | None]:
+    """The headline metrics' change from the trained model to the export, and the failure where the largest moves by
+    more than `limit` points (None: within it)."""
+    changes = {
+        name: round(candidate[name] - reference[name], 4)
+        for name in headline
+        if isinstance(reference.get(name), (int, float)) and isinstance(candidate.get(name), (int, float))
+    }
+    worst = max(changes, key=lambda name: abs(changes[name]), default=None)
+    if worst is None or abs(changes[worst]) <= limit:
+        return changes, None
+    return changes, f"{worst} moved by {changes[worst]:+.2f} > allowed {limit:g} points"
 
 
 def describe_os_error(exc: Exception) -> str:

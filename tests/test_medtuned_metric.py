@@ -447,7 +447,7 @@ def test_a_task_score_that_moves_past_the_limit_fails_the_merge():
     moved = [{"subtask": "re", "prediction": "Positive"}, {"subtask": "re", "prediction": "Positive"}]
     worse = _task_fidelity(recipe, dict(reference), {"task_score": 55.0, "parsed": 100.0, "rows": moved})
     assert not worse["passed"] and worse["identical_predictions"] == 1
-    assert worse["failure"] == "task metric task_score moved by -5.00 > allowed 1"
+    assert worse["failure"] == "task metric task_score moved by -5.00 > allowed 1 points"
 
 
 def test_generation_benchmark_batched_answers_equal_one_row_at_a_time(tmp_path):
