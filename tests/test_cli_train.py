@@ -118,25 +118,11 @@ GAD = SHARED_DATA / "medtuned" / "re_gad-train.jsonl"
 
 @pytest.mark.shared_data
 @pytest.mark.skipif(not GAD.is_file(), reason="../shared/data is not here (it is in CI, not in a fresh clone)")
-def test_real_medtuned_rows_preprocess_and_train(tmp_path):
+def test_real_medtuned_rows_preprocess(tmp_path):
+    # Training on real MedTuned rows (GAD, NCBI-disease, HoC), merging and scoring them:
+    # tests/test_medtuned_metric.py::test_real_medtuned_rows_train_merge_and_evaluate_with_task_scores.
     recipe = write_recipe(tmp_path / "recipe.yaml", output_dir=str(tmp_path / "run"), dataset_name=str(GAD))
     pre = run_cli("preprocess", str(recipe), "--debug", "2")
     assert pre.returncode == 0, pre.stderr[-3000:]
     assert "-100 (masked)" in pre.stdout and "'<|end_of_turn|>'" in pre.stdout
     assert "train rows 4316" in pre.stdout, pre.stdout[-1500:]  # 4,796 rows, 10% held out
-    result = run_cli(
-        "train",
-        str(recipe),
-        "--max_steps",
-        "3",
-        "--max_train_samples",
-        "64",
-        "--max_eval_samples",
-        "16",
-        "--per_device_train_batch_size",
-        "1",
-        *QUICK,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = _summary(tmp_path / "run")
-    assert summary["global_step"] == 3 and summary["eval_loss_after"] is not None
