@@ -118,11 +118,11 @@ GAD = SHARED_DATA / "medtuned" / "re_gad-train.jsonl"
 
 @pytest.mark.shared_data
 @pytest.mark.skipif(not GAD.is_file(), reason="../shared/data is not here (it is in CI, not in a fresh clone)")
-def test_real_medtuned_rows_preprocess(tmp_path):
+def test_real_medtuned_rows_preprocess(tmp_path, cli_in_process):
     # Training on real MedTuned rows (GAD, NCBI-disease, HoC), merging and scoring them:
     # tests/test_medtuned_metric.py::test_real_medtuned_rows_train_merge_and_evaluate_with_task_scores.
     recipe = write_recipe(tmp_path / "recipe.yaml", output_dir=str(tmp_path / "run"), dataset_name=str(GAD))
-    pre = run_cli("preprocess", str(recipe), "--debug", "2")
+    pre = cli_in_process("preprocess", str(recipe), "--debug", "2")
     assert pre.returncode == 0, pre.stderr[-3000:]
     assert "-100 (masked)" in pre.stdout and "'<|end_of_turn|>'" in pre.stdout
     assert "train rows 4316" in pre.stdout, pre.stdout[-1500:]  # 4,796 rows, 10% held out
