@@ -647,13 +647,17 @@ def _results(summary: dict | None) -> str:
     metrics = summary.get("task_metrics") or {}
     before, after = metrics.get("before") or {}, metrics.get("after") or {}
     for name, value in after.items():
-        last = name.rsplit("/", 1)[-1]  # SUBTASK/METRIC (the medtuned metric)
-        counted = last == "n" or last.startswith("n_") or last.endswith("_n")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not counted:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not _is_count(name):
             earlier = before.get(name)
             rows.append((f"{name} (held out)", f"{_number(earlier)} before → {_number(value)} after"))
     rows = [(k, v) for k, v in rows if v is not None]
     return "\n".join(["## Results", "", _table(rows, ("metric", "value"))])
+
+
+def _is_count(name: str) -> bool:
+    """A row count (n, n_forward, SUBTASK/n…), not a score: left out of the results."""
+    last = name.rsplit("/", 1)[-1]  # SUBTASK/METRIC (the medtuned metric)
+    return last == "n" or last.startswith("n_") or last.endswith("_n")
 
 
 def _eval_results(recipe: Recipe, summary: dict | None, fidelity: dict | None, kind: str) -> list:
@@ -669,8 +673,7 @@ def _eval_results(recipe: Recipe, summary: dict | None, fidelity: dict | None, k
     results = []
     for name, value in scores.items():
         subtask, _, metric = name.rpartition("/")
-        counted = metric == "n" or metric.startswith("n_")
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or counted or metric == "score":
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or _is_count(name) or metric == "score":
             continue
         results.append(
             EvalResult(
