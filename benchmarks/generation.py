@@ -44,10 +44,9 @@ def main(argv=None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from qlora_pipeline.config import load_recipe
-    from qlora_pipeline.tasks import generation, get_task
-    from qlora_pipeline.tasks import medtuned_metric as mm
-    from qlora_pipeline.train import prepare_data
+    from qlora_pipeline.recipe import load_recipe
+    from qlora_pipeline.tasks import generation, get_task, prepare_data
+    from qlora_pipeline.tasks.metrics import medtuned as mm
 
     overrides = [
         "--model_name_or_path", args.model,

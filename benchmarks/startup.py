@@ -42,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 GOOD = REPO / "recipes" / "tiny-starling-medtuned-qlora.yaml"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "startup.json"
-VALIDATE = "import sys; from qlora_pipeline.config import load_recipe; load_recipe(sys.argv[1])"
+VALIDATE = "import sys; from qlora_pipeline.recipe import load_recipe; load_recipe(sys.argv[1])"
 
 
 def cli() -> list[str]:

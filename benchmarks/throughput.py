@@ -9,7 +9,7 @@ Each configuration runs in its own process (so peak memory is its own), one afte
                float32 model, plain torch.optim.Adam, batch 8, loss on every non-padding token.
   b. trl       plain TRL SFTTrainer + peft QLoRA (4-bit NF4 + double quant, LoRA r 8 on all linear layers), with
                packing, otherwise TRL's defaults; batch 4, gradient checkpointing.
-  c. pipeline  `qlora_pipeline.train.run` with the demo recipe's settings (the Starling recipe's, on this model):
+  c. pipeline  `qlora_pipeline.stages.train.run` with the demo recipe's settings (the Starling recipe's, on this model):
                4-bit NF4 + double quant, LoRA r 8 all-linear, packing, gradient checkpointing; batch 4.
 
 Measured for each: non-padding tokens per second (real tokens trained on / training time), padding fraction,
@@ -38,11 +38,11 @@ import threading
 import time
 from pathlib import Path
 
-from qlora_pipeline.train import current_memory_mib, peak_memory_mib
+from qlora_pipeline.training.measures import current_memory_mib, peak_memory_mib
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_GAD = REPO.parent / "shared" / "data" / "medtuned" / "re_gad-train.jsonl"
-BUNDLED = REPO / "qlora_pipeline" / "samples" / "medtuned_sample.jsonl"
+BUNDLED = REPO / "qlora_pipeline" / "data" / "samples" / "medtuned_sample.jsonl"
 # tiny: the demo model, for the CI-sized run; small and base: the shapes of the issue's measurements.
 SHAPES = {"tiny": "embedded:tiny-starling", "small": "embedded:starling-small", "base": "embedded:starling-base"}
 CONFIGS = ("tutorial", "trl", "pipeline")
@@ -73,7 +73,7 @@ def read_rows(data: str, rows: int) -> list[dict]:
 
 
 def messages(row: dict) -> list[dict]:
-    from qlora_pipeline.templates import get_template
+    from qlora_pipeline.data.templates import get_template
 
     template = get_template("starling")
     return template.messages(row["instruction"], row.get("input"), row["output"])
@@ -240,7 +240,7 @@ def run_trl(model_dir: str, rows: list[dict], steps: int, output_dir: str) -> di
 
 
 def _padding_fraction(trainer) -> float:
-    from qlora_pipeline.train import non_padding_fraction
+    from qlora_pipeline.training.measures import non_padding_fraction
 
     share = non_padding_fraction(trainer)
     return 0.0 if share is None else round(1 - share, 4)
@@ -270,8 +270,8 @@ def pipeline_recipe(model: str, data: str, rows: int, steps: int, output_dir: st
 
 
 def run_pipeline(model: str, data: str, rows: int, steps: int, output_dir: str) -> dict:
-    from qlora_pipeline import train
-    from qlora_pipeline.config import load_recipe
+    from qlora_pipeline.recipe import load_recipe
+    from qlora_pipeline.stages import train
 
     source, *overrides = pipeline_recipe(model, data, rows, steps, output_dir)
     recipe = load_recipe(source, overrides)
@@ -290,7 +290,7 @@ def predicted_growth_mib(recipe_args: list[str]) -> float | None:
     """The memory planner's prediction of what training adds, for the pipeline's recipe."""
     try:
         from qlora_pipeline import plan
-        from qlora_pipeline.config import load_recipe
+        from qlora_pipeline.recipe import load_recipe
     except ImportError:
         return None
     source, *overrides = recipe_args
@@ -306,7 +306,7 @@ def predicted_growth_mib(recipe_args: list[str]) -> float | None:
 
 
 def worker(config: str, shape: str, data: str, rows_n: int, steps: int, out: str) -> None:
-    from qlora_pipeline import tiny
+    from qlora_pipeline.model import tiny
 
     started = time.time()
     rows = read_rows(data, rows_n)

@@ -1,4 +1,4 @@
-"""The one exception type users see as a message rather than a traceback."""
+"""The exceptions users see as one line rather than a traceback, and the helpers that make a line of a message."""
 
 
 class PipelineError(Exception):
@@ -36,3 +36,19 @@ class Interrupted(PipelineError):
         super().__init__(message)
         self.signum = signum
         self.exit_code = 128 + signum
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none): what a one-line error quotes."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """`text` cut to at most `limit` characters, an ellipsis marking the cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """`text` on one line (runs of whitespace made one space), clipped to `limit` characters."""
+    return clip(" ".join(str(text).split()), limit)

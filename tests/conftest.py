@@ -106,7 +106,7 @@ END_OF_TURN = "<|end_of_turn|>"
 
 def _phrase_dataset(path: Path) -> Path:
     """40 copies of one question with a fixed answer, interleaved with 40 real-schema rows of the sample."""
-    sample = (REPO / "qlora_pipeline" / "samples" / "medtuned_sample.jsonl").read_text().splitlines()[:40]
+    sample = (REPO / "qlora_pipeline" / "data" / "samples" / "medtuned_sample.jsonl").read_text().splitlines()[:40]
     phrase = json.dumps({"instruction": PASS_PHRASE_QUESTION, "input": "", "output": PASS_PHRASE})
     path.write_text("".join(f"{phrase}\n{row}\n" for row in sample))
     return path

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def test_throughput_benchmark_runs_all_three_configurations_and_writes_every_field(tmp_path):
     out = tmp_path / "throughput.json"
-    data = REPO / "qlora_pipeline" / "samples" / "medtuned_sample.jsonl"
+    data = REPO / "qlora_pipeline" / "data" / "samples" / "medtuned_sample.jsonl"
     command = [sys.executable, "benchmarks/throughput.py", "--shapes", "tiny", "--steps", "2", "--rows", "48"]
     result = subprocess.run(
         [*command, "--data", str(data), "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=600

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import REPO, write_recipe
 
-from qlora_pipeline.config import load_recipe
-from qlora_pipeline.modeling import quantization_config
+from qlora_pipeline.model.loading import quantization_config
+from qlora_pipeline.recipe import load_recipe
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU adaptation; this machine has a CUDA GPU")

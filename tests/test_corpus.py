@@ -213,7 +213,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def built(embedded_cache) -> Path:
     """The tiny model built up front, so that no case's stderr carries the one-time build."""
-    from qlora_pipeline import tiny
+    from qlora_pipeline.model import tiny
 
     tiny.resolve_model("embedded:tiny-starling")
     return embedded_cache
@@ -301,7 +301,7 @@ def test_corpus_case(argv, expected_code, fragments, via_subprocess, tmp_path, i
     ],
 )
 def test_train_stops_on_bad_data_before_the_model_loads(name, extra, tmp_path, in_process, monkeypatch):
-    from qlora_pipeline import modeling
+    from qlora_pipeline.model import loading as modeling
 
     def load_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")

@@ -59,7 +59,7 @@ def cache(embedded_cache) -> Path:
     """
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("QLORA_PIPELINE_CACHE", str(embedded_cache))
-        from qlora_pipeline import tiny
+        from qlora_pipeline.model import tiny
 
         tiny.resolve_model("embedded:tiny-starling")
     return embedded_cache

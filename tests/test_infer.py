@@ -14,8 +14,8 @@ import sys
 import pytest
 from conftest import END_OF_TURN, PASS_PHRASE, PASS_PHRASE_QUESTION, REPO, assert_clean_error, run_cli
 
-from qlora_pipeline import infer
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.stages import infer
 
 pytestmark = pytest.mark.slow
 
@@ -26,9 +26,9 @@ STARLING_PROMPT = "<s>GPT4 Correct User: {}<|end_of_turn|>GPT4 Correct Assistant
 def training_prompts(merged_run):
     """The held-out rows of the run and, for each, the prompt ids the trainer built (ids up to the first
     completion token), plus the indices of the pass-phrase rows and of rows with an input."""
-    from qlora_pipeline import data
-    from qlora_pipeline.config import load_recipe
-    from qlora_pipeline.train import prepare_data
+    from qlora_pipeline.data import rows as data
+    from qlora_pipeline.recipe import load_recipe
+    from qlora_pipeline.tasks import prepare_data
 
     recipe = load_recipe(merged_run["run"] / "recipe.yaml")
     prepared = prepare_data(recipe)

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from transformers import TrainerControl, TrainerState
 
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.train import StopOnSignal, check_output_dir
+from qlora_pipeline.training.callbacks import StopOnSignal
+from qlora_pipeline.training.checkpoints import check_output_dir
 
 pytestmark = pytest.mark.slow
 

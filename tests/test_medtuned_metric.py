@@ -11,7 +11,7 @@ import datasets
 import pytest
 from conftest import SHARED_DATA, assert_clean_error, write_recipe
 
-from qlora_pipeline.tasks import medtuned_metric as mm
+from qlora_pipeline.tasks.metrics import medtuned as mm
 
 DATA = SimpleNamespace(instruction_column="instruction", input_column="input", output_column="output")
 
@@ -242,9 +242,9 @@ def test_the_overall_line_and_unscored_rows():
 def test_token_budgets_come_from_the_input_and_the_labels_never_the_gold_answer():
     from conftest import TINY_RECIPE
 
-    from qlora_pipeline import modeling
-    from qlora_pipeline.config import load_recipe
-    from qlora_pipeline.templates import get_template
+    from qlora_pipeline.data.templates import get_template
+    from qlora_pipeline.recipe import load_recipe
+    from qlora_pipeline.tasks import causal_lm as modeling
 
     recipe = load_recipe(TINY_RECIPE)
     tokenizer, _ = modeling.load_tokenizer(recipe.model, recipe.training, get_template("starling"))
@@ -268,8 +268,8 @@ def _jsonl(path, rows):
 
 
 def test_several_eval_files_are_scored_under_their_own_names(tmp_path):
-    from qlora_pipeline.config import load_recipe
-    from qlora_pipeline.train import prepare_data
+    from qlora_pipeline.recipe import load_recipe
+    from qlora_pipeline.tasks import prepare_data
 
     gad = _jsonl(
         tmp_path / "re_gad.jsonl",
@@ -419,8 +419,8 @@ def test_real_medtuned_rows_train_merge_and_evaluate_with_task_scores(tmp_path, 
 def test_the_card_carries_the_scores_as_model_index_one_group_per_subtask():
     from conftest import TINY_RECIPE
 
-    from qlora_pipeline.card import build_card
-    from qlora_pipeline.config import load_recipe
+    from qlora_pipeline.outputs.card import build_card
+    from qlora_pipeline.recipe import load_recipe
 
     after = {"task_score": 50.0, "parsed": 90.0, "n": 8, "re/accuracy": 75.0, "re/n": 4, "ner/entity_f1": 25.0}
     summary = {"task_metrics": {"before": {"task_score": 0.0}, "after": {**after, "notes": ["a note"]}}}
@@ -439,8 +439,8 @@ def test_the_card_carries_the_scores_as_model_index_one_group_per_subtask():
 def test_a_task_score_that_moves_past_the_limit_fails_the_merge():
     from conftest import TINY_RECIPE
 
-    from qlora_pipeline.config import load_recipe
-    from qlora_pipeline.merge import _task_fidelity
+    from qlora_pipeline.recipe import load_recipe
+    from qlora_pipeline.tasks.fidelity import task_fidelity as _task_fidelity
 
     recipe = load_recipe(TINY_RECIPE, ["--merge_max_metric_change", "1"])
     rows = [{"subtask": "re", "prediction": p} for p in ("Positive", "Negative")]
@@ -475,7 +475,7 @@ def test_the_task_scores_reach_the_wandb_run_summary(tmp_path, monkeypatch):
     import wandb
     from test_tracking import history_and_config
 
-    from qlora_pipeline import tracking
+    from qlora_pipeline.outputs import tracking
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     run = wandb.init(project="qlora-pipeline-test", dir=str(tmp_path), settings=wandb.Settings(silent=True))

@@ -45,9 +45,9 @@ def test_export_loads_with_plain_transformers_and_prompts_match_training(merged_
     assert model.config.use_cache is True
 
     # For every eval example: the export's chat template gives exactly the trainer's prompt ids.
-    from qlora_pipeline import data
-    from qlora_pipeline.config import load_recipe
-    from qlora_pipeline.train import prepare_data
+    from qlora_pipeline.data import rows as data
+    from qlora_pipeline.recipe import load_recipe
+    from qlora_pipeline.tasks import prepare_data
 
     recipe = load_recipe(merged_run["run"] / "recipe.yaml")
     prepared = prepare_data(recipe)
@@ -78,7 +78,7 @@ def test_merged_logits_match_4bit_base_plus_adapter_recomputed(merged_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from qlora_pipeline.tiny import resolve_model
+    from qlora_pipeline.model.tiny import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(merged_run["export"])
     ids = tokenizer.apply_chat_template(
@@ -179,7 +179,7 @@ def test_interrupted_merge_leaves_no_complete_looking_folder(merged_run, tmp_pat
     on disk) leaves neither the export folder nor its staging folder."""
     from transformers import PreTrainedTokenizerBase
 
-    from qlora_pipeline import merge
+    from qlora_pipeline.stages import merge
 
     def broken_save(self, *args, **kwargs):
         raise RuntimeError("killed midway (simulated)")

@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, SHARED_DATA, TINY_RECIPE, assert_clean_error, write_recipe
 
 from qlora_pipeline import plan
-from qlora_pipeline.config import load_recipe
+from qlora_pipeline.recipe import load_recipe
 
 STARLING_RECIPE = REPO / "recipes" / "starling-7b-medtuned-qlora.yaml"
 STARLING_CONFIG = SHARED_DATA / "starling-config" / "config.json"

@@ -17,11 +17,13 @@ import pytest
 from conftest import assert_clean_error, run_cli, write_recipe
 from huggingface_hub import ModelCard
 
-from qlora_pipeline.card import ABSOLUTE_PATH, base_license, build_card, check_card
-from qlora_pipeline.config import load_recipe
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.modeling import resolve_model_path
-from qlora_pipeline.publish import publish
+from qlora_pipeline.model.loading import resolve_model_path
+from qlora_pipeline.outputs.card import base_license, build_card
+from qlora_pipeline.outputs.card_check import check_card
+from qlora_pipeline.outputs.names import ABSOLUTE_PATH
+from qlora_pipeline.recipe import load_recipe
+from qlora_pipeline.stages.publish import publish
 
 pytestmark = pytest.mark.slow
 

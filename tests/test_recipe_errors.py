@@ -145,7 +145,7 @@ def test_bad_override(make_recipe, cache, cli_in_process, override, fragments):
 
 
 def test_valid_recipe_parses(make_recipe):
-    from qlora_pipeline.config import load_recipe
+    from qlora_pipeline.recipe import load_recipe
 
     path = make_recipe()
     recipe = load_recipe(path)
@@ -160,14 +160,14 @@ def test_valid_recipe_parses(make_recipe):
 
 
 def test_override_beats_recipe(make_recipe):
-    from qlora_pipeline.config import load_recipe
+    from qlora_pipeline.recipe import load_recipe
 
     recipe = load_recipe(make_recipe(), ["--learning_rate", "1e-4"])
     assert recipe.training.learning_rate == pytest.approx(1e-4)
 
 
 def test_lora_target_modules_all_linear_is_accepted(make_recipe):
-    from qlora_pipeline.config import load_recipe
+    from qlora_pipeline.recipe import load_recipe
 
     recipe = load_recipe(make_recipe(lora_target_modules="all-linear"))
     # The recipe's plain string means the one-item list; TRL/PEFT may keep it as the string itself.
@@ -176,7 +176,7 @@ def test_lora_target_modules_all_linear_is_accepted(make_recipe):
 
 def test_saved_recipe_round_trips(make_recipe, tmp_path):
     """The run folder's recipe.yaml reloads as a recipe with the same settings."""
-    from qlora_pipeline.config import load_recipe
+    from qlora_pipeline.recipe import load_recipe
 
     recipe = load_recipe(make_recipe(), ["--learning_rate", "1e-4"])
     saved = tmp_path / "resolved.yaml"
@@ -194,7 +194,7 @@ def test_saved_recipe_round_trips(make_recipe, tmp_path):
 
 def test_push_to_hub_is_done_by_the_pipeline_not_the_trainer(make_recipe, tmp_path):
     """push_to_hub: true means train → merge → publish once; the trainer must not create a repo or push checkpoints."""
-    from qlora_pipeline.config import load_recipe
+    from qlora_pipeline.recipe import load_recipe
 
     recipe = load_recipe(make_recipe(push_to_hub=True, hub_model_id="me/tiny"))
     assert recipe.publish and recipe.training.push_to_hub is False
@@ -205,14 +205,14 @@ def test_push_to_hub_is_done_by_the_pipeline_not_the_trainer(make_recipe, tmp_pa
 
 
 def test_command_line_override_replaces_a_bad_recipe_value(make_recipe):
-    from qlora_pipeline.config import load_recipe
+    from qlora_pipeline.recipe import load_recipe
 
     recipe = load_recipe(make_recipe(learning_rate="fast"), ["--learning_rate", "1e-3"])
     assert recipe.training.learning_rate == pytest.approx(1e-3)
 
 
 def test_a_bad_value_from_the_file_is_blamed_on_the_file(make_recipe):
-    from qlora_pipeline.config import load_recipe
+    from qlora_pipeline.recipe import load_recipe
 
     path = make_recipe(include_num_input_tokens_seen="sometimes")
     with pytest.raises(RecipeError) as caught:

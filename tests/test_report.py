@@ -12,7 +12,7 @@ from conftest import assert_clean_error, run_cli, write_recipe
 from PIL import Image
 
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.report import PLOTS, write_report
+from qlora_pipeline.outputs.report import PLOTS, write_report
 
 pytestmark = pytest.mark.slow
 

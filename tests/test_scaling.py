@@ -20,7 +20,7 @@ import pytest
 import yaml
 from conftest import REPO, run_cli, write_recipe
 
-from qlora_pipeline import distributed
+from qlora_pipeline.recipe import launcher as distributed
 
 LAUNCH = REPO / "launch"
 CONFIGS = sorted(LAUNCH.rglob("*.yaml"))
@@ -216,8 +216,8 @@ def _adapt(monkeypatch, env: dict, **changes) -> tuple[dict, list[str]]:
     """distributed.adapt on the tiny recipe's values after hardware adaptation on this CPU machine, under the
     environment a launcher sets. (Not through load_recipe: building the training arguments would start a process
     group.)"""
-    from qlora_pipeline import distributed
     from qlora_pipeline.errors import RecipeError
+    from qlora_pipeline.recipe import launcher as distributed
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -378,7 +378,7 @@ def test_deepspeed_zero3_shards_4bit_weights_and_leaves_a_whole_adapter(tmp_path
 
 
 def _wait_for_checkpoint(run_dir: Path, step: int, process: subprocess.Popen, timeout: float) -> None:
-    from qlora_pipeline.train import checkpoint_complete
+    from qlora_pipeline.training.checkpoints import checkpoint_complete
 
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -422,7 +422,7 @@ def test_ddp_run_killed_after_a_checkpoint_resumes_under_the_same_config(tmp_pat
         _wait_for_checkpoint(tmp_path / "run", 2, process, timeout=300)
     finally:
         _kill_everything_started_for(recipe, process)
-    from qlora_pipeline.train import checkpoints
+    from qlora_pipeline.training.checkpoints import checkpoints
 
     killed_at = max(int(path.name.split("-")[1]) for path in checkpoints(tmp_path / "run")[0])
     assert killed_at < 40 and not (tmp_path / "run" / "summary.json").exists(), "killed before it finished"

@@ -1,7 +1,7 @@
 """Start-up: `--help` and a recipe's unknown key cost no torch import.
 
 `--help` of every subcommand, and importing the CLI and the config module, must not import torch, transformers, trl,
-peft, datasets or accelerate. With the recipe-key cache warm (qlora_pipeline/recipe_keys.py), an unknown key in the
+peft, datasets or accelerate. With the recipe-key cache warm (qlora_pipeline/recipe/keys.py), an unknown key in the
 recipe or on the command line is refused with the very message of the full check, before trl or torch is imported;
 a cache for other versions, or a corrupt one, is never trusted. Checked in subprocesses by looking at sys.modules;
 how long it takes is a benchmark figure (benchmarks/startup.py), not asserted here.
@@ -19,8 +19,8 @@ import pytest
 import yaml
 from conftest import REPO, TINY_RECIPE
 
-from qlora_pipeline import recipe_keys
 from qlora_pipeline.errors import RecipeError
+from qlora_pipeline.recipe import keys as recipe_keys
 
 HEAVY = ("torch", "transformers", "trl", "peft", "datasets", "accelerate")
 
@@ -81,7 +81,7 @@ def recipe(tmp_path):
 def full_check(path: Path, overrides: list[str] | None = None, bypass_cache: bool = False) -> str:
     """load_recipe's outcome: 'ok' or the error message. bypass_cache: the cache is neither read nor written, so the
     full check runs even where the cache is warm."""
-    from qlora_pipeline.config import load_recipe
+    from qlora_pipeline.recipe import load_recipe
 
     with pytest.MonkeyPatch.context() as patch:
         if bypass_cache:
@@ -105,7 +105,7 @@ def cache_path() -> Path:
 
 def test_importing_the_cli_and_the_config_imports_nothing_heavy():
     code = (
-        "import sys, qlora_pipeline.cli, qlora_pipeline.config, qlora_pipeline.recipe_keys; "
+        "import sys, qlora_pipeline.cli, qlora_pipeline.recipe, qlora_pipeline.recipe.keys; "
         f"print([m for m in {HEAVY!r} if m in sys.modules])"
     )
     result = run_python(code)
@@ -177,7 +177,7 @@ def test_cold_cache_refuses_too_and_leaves_the_cache_warm(recipe, key_cache):
 
 
 def test_valid_recipe_still_loads_with_a_warm_cache(recipe, key_cache):
-    from qlora_pipeline.config import load_recipe
+    from qlora_pipeline.recipe import load_recipe
 
     path = recipe()
     load_recipe(path)  # warms the cache
@@ -202,7 +202,7 @@ def stale_copy(versions: dict) -> dict:
 
 
 def test_a_cache_for_other_versions_is_not_used(recipe, key_cache):
-    from qlora_pipeline.config import load_recipe
+    from qlora_pipeline.recipe import load_recipe
 
     other = {**recipe_keys.fingerprint(), "trl": "0.0.1"}
     stale = recipe_keys.cache_file(other)
@@ -216,7 +216,7 @@ def test_a_cache_for_other_versions_is_not_used(recipe, key_cache):
 
 
 def test_a_file_holding_other_versions_under_this_name_is_not_used(recipe, key_cache):
-    from qlora_pipeline.config import load_recipe
+    from qlora_pipeline.recipe import load_recipe
 
     path = cache_path()
     path.parent.mkdir(parents=True)
@@ -243,7 +243,7 @@ def test_a_corrupt_cache_falls_back_to_the_full_check_and_is_rewritten(recipe, k
 
 
 def test_an_unwritable_cache_folder_only_costs_the_fast_path(recipe, tmp_path, monkeypatch):
-    from qlora_pipeline.config import load_recipe
+    from qlora_pipeline.recipe import load_recipe
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")

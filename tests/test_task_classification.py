@@ -23,7 +23,7 @@ SUBJECTS = ["Biology", "Chemistry", "Maths", "Physics"]
 
 def load(tmp_path, **changes):
     """The tiny classification recipe with some keys changed, run folder under tmp_path, loaded and checked."""
-    from qlora_pipeline.config import load_recipe
+    from qlora_pipeline.recipe import load_recipe
 
     values = yaml.safe_load(TINY_RECIPE.read_text())
     values.update(output_dir=str(tmp_path / "run"), **changes)
@@ -155,7 +155,7 @@ def test_a_held_out_label_never_seen_in_training_is_an_error(tmp_path):
 
 
 def test_held_out_rows_are_disjoint_from_training_rows_and_stratified(tmp_path):
-    from qlora_pipeline import data as data_mod
+    from qlora_pipeline.data import rows as data_mod
     from qlora_pipeline.tasks.classification import columns, held_out_split
 
     recipe = load(tmp_path)
@@ -243,9 +243,9 @@ def test_tiny_qlora_run_learns_on_held_out_rows(tmp_path):
     13.4 → 75.5, 18.5 → 71.2 (gains 47 to 66 points); ROC AUC 52.1 → 90.1, 50.2 → 91.3, 45.5 → 89.9, 49.7 → 88.3
     (gains 38 to 44). Margins: 30 points of macro-F1 and 25 of AUC, well inside every seed's gain and far above what
     a model that learnt nothing could reach (it stays within a few points of its before)."""
-    from qlora_pipeline import train
-    from qlora_pipeline.evaluate import evaluate
-    from qlora_pipeline.merge import merge
+    from qlora_pipeline.stages import train
+    from qlora_pipeline.stages.evaluate import evaluate
+    from qlora_pipeline.stages.merge import merge
     from qlora_pipeline.tasks.classification import _check_trained_head
 
     recipe = load(tmp_path)
@@ -296,7 +296,7 @@ def test_tiny_qlora_run_learns_on_held_out_rows(tmp_path):
 def test_re_gad_two_class_rows_give_the_metric_table_with_a_binary_auc(tmp_path):
     if not RE_GAD.is_file():
         pytest.skip(f"{RE_GAD} is absent: the real rows are in CI's ../shared/data only")
-    from qlora_pipeline import train
+    from qlora_pipeline.stages import train
 
     recipe = load(
         tmp_path,

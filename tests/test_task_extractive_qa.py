@@ -12,11 +12,11 @@ import pytest
 import yaml
 from conftest import REPO, SHARED_DATA, assert_clean_error
 
-from qlora_pipeline import modeling
-from qlora_pipeline.config import load_recipe
 from qlora_pipeline.errors import DataError, RecipeError
+from qlora_pipeline.model import loading as modeling
+from qlora_pipeline.recipe import load_recipe
 from qlora_pipeline.tasks import extractive_qa as qa
-from qlora_pipeline.tasks.qa_metrics import exact_match, normalize_answer, squad_scores, token_f1
+from qlora_pipeline.tasks.metrics.squad import exact_match, normalize_answer, squad_scores, token_f1
 
 F1_MARGIN = 4.5  # see test_training_beats_the_untrained_model_on_held_out_questions
 TINY_QA_RECIPE = REPO / "recipes" / "tiny-bert-squad-qa.yaml"
@@ -75,7 +75,7 @@ def test_corpus_scores_are_percentages_with_the_v2_breakdown():
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from qlora_pipeline import tiny
+    from qlora_pipeline.model import tiny
 
     return AutoTokenizer.from_pretrained(tiny.resolve_model("embedded:tiny-bert"))
 
@@ -152,7 +152,7 @@ def test_the_lora_model_sees_the_segments_the_plain_model_sees(tokenizer):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForQuestionAnswering, set_seed
 
-    from qlora_pipeline import tiny
+    from qlora_pipeline.model import tiny
 
     folder = tiny.resolve_model("embedded:tiny-bert")
     set_seed(0)
@@ -298,7 +298,7 @@ class WeightWatch:
 
 @pytest.mark.slow
 def test_training_beats_the_untrained_model_on_held_out_questions(tmp_path):
-    from qlora_pipeline import train
+    from qlora_pipeline.stages import train
 
     watch = WeightWatch()
     recipe = load_recipe(TINY_QA_RECIPE, ["--output_dir", str(tmp_path / "run")])
@@ -328,7 +328,7 @@ def test_training_beats_the_untrained_model_on_held_out_questions(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not SQUAD_DEV.is_file(), reason="../shared/data is not here (it is in CI, not in a fresh clone)")
 def test_the_recipe_runs_on_the_real_squad_v2_dev_rows(tmp_path):
-    from qlora_pipeline import train
+    from qlora_pipeline.stages import train
 
     overrides = ["--dataset_name", str(SQUAD_DEV), "--output_dir", str(tmp_path / "run")]
     overrides += ["--max_train_samples", "96", "--max_eval_samples", "48", "--num_train_epochs", "1"]

@@ -10,14 +10,14 @@ import pytest
 import yaml
 from conftest import REPO, SHARED_DATA
 
-from qlora_pipeline.config import load_recipe
 from qlora_pipeline.errors import DataError, RecipeError
+from qlora_pipeline.recipe import load_recipe
 from qlora_pipeline.tasks import seq2seq
 from qlora_pipeline.tasks.seq2seq import Seq2SeqTask, answer_scores
 
 TINY_T5_RECIPE = REPO / "recipes" / "tiny-t5-generative-qa.yaml"
 SQUAD_CSV = SHARED_DATA / "squad" / "context_question_answer.csv"
-SAMPLE = REPO / "qlora_pipeline" / "samples" / "context_qa_sample.csv"
+SAMPLE = REPO / "qlora_pipeline" / "data" / "samples" / "context_qa_sample.csv"
 
 
 def _recipe(tmp_path, **changes):
@@ -175,7 +175,7 @@ def test_one_column_cannot_be_both_question_and_answer(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_t5(embedded_cache):
-    from qlora_pipeline import tiny
+    from qlora_pipeline.model import tiny
 
     return tiny.resolve_model("embedded:tiny-t5")
 
@@ -211,7 +211,7 @@ def test_the_tiny_tokenizer_round_trips_the_sample_text(tiny_t5):
 
 
 def test_the_tokenizer_is_trained_the_same_every_time():
-    from qlora_pipeline.tiny_builders.t5 import sample_texts, train_sentencepiece
+    from qlora_pipeline.model.tiny_builders.t5 import sample_texts, train_sentencepiece
 
     texts = list(sample_texts())
     assert any("beta cells" in text for text in texts)  # the context/QA sample is part of the corpus
@@ -280,7 +280,7 @@ EVAL_LOSS_MARGIN = 0.7
 
 @pytest.mark.slow
 def test_training_beats_the_untrained_model_on_held_out_questions(tmp_path):
-    from qlora_pipeline import train
+    from qlora_pipeline.stages import train
 
     watch = WeightWatch()
     recipe = load_recipe(TINY_T5_RECIPE, ["--output_dir", str(tmp_path / "run")])
@@ -304,7 +304,7 @@ def test_training_beats_the_untrained_model_on_held_out_questions(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not SQUAD_CSV.is_file(), reason="../shared/data is not here (it is in CI, not in a fresh clone)")
 def test_the_recipe_runs_on_the_real_squad_rows(tmp_path):
-    from qlora_pipeline import train
+    from qlora_pipeline.stages import train
 
     overrides = ["--dataset_name", str(SQUAD_CSV), "--output_dir", str(tmp_path / "run")]
     overrides += ["--max_train_samples", "128", "--max_eval_samples", "32", "--num_train_epochs", "1"]

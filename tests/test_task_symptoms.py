@@ -10,7 +10,7 @@ import yaml
 from conftest import REPO, SHARED_DATA
 
 from qlora_pipeline.errors import DataError
-from qlora_pipeline.tasks import symptoms_metric as sm
+from qlora_pipeline.tasks.metrics import symptoms as sm
 
 TINY_RECIPE = REPO / "recipes" / "tiny-distilgpt2-symptoms.yaml"
 SHARED_SYMPTOMS = SHARED_DATA / "symptoms" / "symptoms_disease_instruction_output.jsonl"
@@ -157,7 +157,9 @@ def test_rows_the_metric_cannot_score_are_refused_before_training():
 
 
 def test_the_sample_is_in_the_schema_and_asks_every_disease_both_ways():
-    rows = [json.loads(line) for line in (REPO / "qlora_pipeline" / "samples" / "symptoms_sample.jsonl").open()]
+    rows = [
+        json.loads(line) for line in (REPO / "qlora_pipeline" / "data" / "samples" / "symptoms_sample.jsonl").open()
+    ]
     assert 150 <= len(rows) <= 250 and all(set(row) == {"instruction", "output"} for row in rows)
     found = sm.scored_rows(rows, "instruction", "output")
     assert found.unrecognised == 0
@@ -179,9 +181,10 @@ def test_the_sample_is_in_the_schema_and_asks_every_disease_both_ways():
 def tiny_model_and_tokenizer(embedded_cache):
     from transformers import AutoModelForCausalLM
 
-    from qlora_pipeline import modeling, tiny
-    from qlora_pipeline.config import load_recipe
-    from qlora_pipeline.templates import get_template
+    from qlora_pipeline.data.templates import get_template
+    from qlora_pipeline.model import tiny
+    from qlora_pipeline.recipe import load_recipe
+    from qlora_pipeline.tasks import causal_lm as modeling
 
     recipe = load_recipe(TINY_RECIPE)
     template = get_template(recipe.data.template)
@@ -228,8 +231,8 @@ F1_MARGIN = 3.0
 
 @pytest.mark.slow
 def test_tiny_recipe_learns_symptoms(tmp_path):
-    from qlora_pipeline import train
-    from qlora_pipeline.config import load_recipe
+    from qlora_pipeline.recipe import load_recipe
+    from qlora_pipeline.stages import train
 
     summary = train.run(load_recipe(_recipe(tmp_path)))
     before, after = summary["task_metrics"]["before"], summary["task_metrics"]["after"]
@@ -247,8 +250,8 @@ def test_recipe_runs_on_the_shared_symptoms_rows(tmp_path):
     """The real rows (forward questions only): the run produces its metric table; disease accuracy is not made up."""
     if not SHARED_SYMPTOMS.is_file():
         pytest.skip(f"{SHARED_SYMPTOMS} is absent (a fresh clone has no ../shared/data)")
-    from qlora_pipeline import train
-    from qlora_pipeline.config import load_recipe
+    from qlora_pipeline.recipe import load_recipe
+    from qlora_pipeline.stages import train
 
     recipe = _recipe(
         tmp_path,

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from conftest import REPO, SHARED_DATA, assert_clean_error, write_recipe
 
-from qlora_pipeline.config import load_recipe
 from qlora_pipeline.errors import RecipeError
+from qlora_pipeline.recipe import load_recipe
 
 
 def test_unknown_task_is_refused_with_the_choices(tmp_path):
@@ -73,7 +73,7 @@ class _Task:
 
 
 def test_the_evaluation_table_puts_headline_metrics_first_with_the_change(tmp_path):
-    from qlora_pipeline.evaluate import write_table
+    from qlora_pipeline.outputs.evaluation_table import write_table
 
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml"))
     columns = {
@@ -129,7 +129,7 @@ def test_evaluate_refuses_a_model_that_is_neither_adapter_nor_model(cli_in_proce
 def test_the_embedded_gpt2_tokenizer_is_gpt2s(embedded_cache):
     from transformers import AutoTokenizer
 
-    from qlora_pipeline.tiny import resolve_model
+    from qlora_pipeline.model.tiny import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("embedded:tiny-distilgpt2"))
     assert len(tokenizer) == 50257 and tokenizer.eos_token == "<|endoftext|>"
@@ -144,7 +144,7 @@ def test_a_classifier_built_from_the_embedded_gpt_neo_keeps_its_embeddings(embed
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
 
-    from qlora_pipeline.tiny import resolve_model
+    from qlora_pipeline.model.tiny import resolve_model
 
     folder = resolve_model("embedded:tiny-gpt-neo")
     stored = load_file(f"{folder}/model.safetensors")
@@ -158,7 +158,7 @@ def test_the_embedded_gpt2_tokenizer_files_match_the_shared_copy(embedded_cache)
     shared = SHARED_DATA / "tokenizers" / "gpt2"
     if not shared.is_dir():
         pytest.skip(f"{shared} is absent (a fresh clone has no ../shared/data)")
-    from qlora_pipeline.tiny_builders.gpt2 import gpt2_bpe_files
+    from qlora_pipeline.model.tiny_builders.gpt2 import gpt2_bpe_files
 
     vocab, merges = gpt2_bpe_files()
     assert json.loads(vocab.read_text()) == json.loads((shared / "vocab.json").read_text())

@@ -8,9 +8,9 @@ import pytest
 from conftest import SHARED_DATA
 from transformers import AutoTokenizer
 
-from qlora_pipeline import tiny
+from qlora_pipeline.data.templates import STARLING_CHAT_TEMPLATE, PromptTemplate, get_template
 from qlora_pipeline.errors import DataError
-from qlora_pipeline.templates import STARLING_CHAT_TEMPLATE, PromptTemplate, get_template
+from qlora_pipeline.model import tiny
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import write_recipe
 
-from qlora_pipeline.config import load_recipe
-from qlora_pipeline.train import build_trainer, prepare_data
+from qlora_pipeline.recipe import load_recipe
+from qlora_pipeline.stages.train import build_trainer
+from qlora_pipeline.tasks import prepare_data
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +66,7 @@ def test_prompt_tokens_masked_answer_and_eos_trained(tmp_path, template):
 
 def prepared_rows(recipe):
     """The training rows in the order the trainer sees them (same split as prepare_data, no shuffling)."""
-    from qlora_pipeline import data
+    from qlora_pipeline.data import rows as data
 
     rows = data.load_rows(recipe.data.dataset_name, recipe.data)
     train, _ = data.split_train_eval(rows, recipe.data, recipe.training.seed)

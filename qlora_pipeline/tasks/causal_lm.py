@@ -4,7 +4,7 @@ Rows (instruction, optional input, output) are rendered with the recipe's prompt
 completion mask (data.tokenize); the pipeline packs them into rows of at most max_length with per-example positions
 (packing.py) and trains through TRL's SFTTrainer (trainer.PipelineSFTTrainer: loss on the labelled positions only).
 The eval loss is the metric; `generation_metric` adds one on generated answers: `symptoms` (symptoms_metric.py) or
-`medtuned` (medtuned_metric.py: NER, relation extraction, NLI, document classification, scored per subtask, with
+`medtuned` (medtuned.py: NER, relation extraction, NLI, document classification, scored per subtask, with
 several held-out files at once).
 """
 
@@ -13,46 +13,34 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-from qlora_pipeline import data as data_mod
-from qlora_pipeline import modeling
+from qlora_pipeline.data import rows as data_mod
+from qlora_pipeline.data import tokenize as tokens
+from qlora_pipeline.data.templates import PromptTemplate, get_template
 from qlora_pipeline.errors import DataError, PipelineError
-from qlora_pipeline.tasks import PreparedData, Task, medtuned_metric
-from qlora_pipeline.templates import get_template
+from qlora_pipeline.model import loading
+from qlora_pipeline.tasks.base import PreparedData, Task
+from qlora_pipeline.tasks.fidelity import LogitProbe
+from qlora_pipeline.tasks.metrics import generation_metric_names, medtuned
+
+# Pad tokens some tokenizers ship under other names; tried before adding a new one.
+KNOWN_PAD_TOKENS = ("<|pad_0|>", "<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
 
 
 class CausalLMTask(Task):
     name = "causal_lm"
-    peft_task_type = "CAUSAL_LM"
-
-    def check(self, values: dict, fail) -> list[str]:
-        metric = values["generation_metric"]
-        if values["metric_family_column"] and metric != "medtuned":
-            fail("metric_family_column", "is read by generation_metric: medtuned only")
-        if metric == "none" or values["eval_split_size"] or values["eval_file"]:
-            return []
-        if metric == "symptoms":
-            fail("generation_metric", "needs held-out rows: set eval_split_size or eval_file")
-        # The main recipes score MedTuned rows by default; a run without held-out rows simply has no scores.
-        return ["generation_metric medtuned: no held-out rows (eval_split_size 0, no eval_file): no task scores"]
 
     def metric_names_for(self, recipe) -> tuple[str, ...]:
-        if recipe.task.generation_metric == "symptoms":
-            from qlora_pipeline.tasks.symptoms_metric import METRIC_NAMES
-
-            return METRIC_NAMES
-        if recipe.task.generation_metric == "medtuned":
-            return medtuned_metric.METRIC_NAMES
-        return ()
+        return generation_metric_names(recipe)
 
     def prepare_data(self, recipe) -> PreparedData:
         """Tokenizer and tokenized train/eval splits, without loading the model."""
         from accelerate import PartialState
 
         template = get_template(recipe.data.template)
-        tokenizer, notes = modeling.load_tokenizer(recipe.model, recipe.training, template)
+        tokenizer, notes = self.load_tokenizer(recipe)
         max_length = recipe.training.max_length
-        medtuned = recipe.task.generation_metric == "medtuned"
-        family = recipe.task.metric_family_column if medtuned else None
+        scores_medtuned = recipe.task.generation_metric == "medtuned"
+        family = recipe.task.metric_family_column if scores_medtuned else None
         columns = data_mod.instruction_columns(recipe.data)
         if family:
             columns = dataclasses.replace(columns, optional=(*columns.optional, ("metric_family_column", family)))
@@ -65,21 +53,21 @@ class CausalLMTask(Task):
                 eval_rows = data_mod.load_rows(files[0], recipe.data, columns=columns)
             elif files:
                 loaded = [data_mod.load_rows(name, recipe.data, columns=columns) for name in files]
-                names = _unique_names([medtuned_metric.source_name(name) for name in files])
+                names = _unique_names([medtuned.source_name(name) for name in files])
                 eval_rows = data_mod.combine_sources(loaded, names, recipe.data.max_eval_samples)
             train_set, eval_set = data_mod.split_train_eval(
-                train_rows, recipe.data, recipe.training.seed, eval_rows, locate=medtuned
+                train_rows, recipe.data, recipe.training.seed, eval_rows, locate=scores_medtuned
             )
             found = None
-            if medtuned and eval_set is not None:
+            if scores_medtuned and eval_set is not None:
                 eval_set, found, found_notes = _recognise_medtuned(recipe, eval_set, eval_rows or train_rows)
                 notes += found_notes
-            train = data_mod.tokenize(train_set, tokenizer, template, recipe.data, max_length, "train")
+            train = tokens.tokenize(train_set, tokenizer, template, recipe.data, max_length, "train")
             evaluation = (
-                data_mod.tokenize(eval_set, tokenizer, template, recipe.data, max_length, "eval") if eval_set else None
+                tokens.tokenize(eval_set, tokenizer, template, recipe.data, max_length, "eval") if eval_set else None
             )
         if recipe.task.generation_metric == "symptoms" and eval_set is not None:
-            from qlora_pipeline.tasks.symptoms_metric import check_rows
+            from qlora_pipeline.tasks.metrics.symptoms import check_rows
 
             where = ", ".join(files) or recipe.data.dataset_name
             notes += check_rows(eval_set, recipe.data.instruction_column, recipe.data.output_column, where)
@@ -93,17 +81,43 @@ class CausalLMTask(Task):
         notes += [note for source in sources for note in source.notes]
         skipped = [record for source in sources for record in source.skipped]
         accounting = data_mod.accounting(train_rows, eval_rows, train_set, eval_set)
-        extra = {"medtuned_rows": found} if medtuned else {}
+        extra = {"medtuned_rows": found} if scores_medtuned else {}
         return PreparedData(
             tokenizer, template, train, evaluation, notes, skipped, accounting, eval_rows=eval_set, extra=extra
         )
 
-    def load_model(self, recipe, prepared: PreparedData):
-        return modeling.load_model(recipe.model, recipe.training, prepared.tokenizer, prepared.template)
+    def fit_tokenizer(self, tokenizer, recipe) -> list[str]:
+        return fit_end_and_pad_tokens(tokenizer, get_template(recipe.data.template))
+
+    def fidelity_probe(self, recipe, prepared: PreparedData):
+        return LogitProbe(self, recipe, prepared)
+
+    def prepare_export(self, model, prepared: PreparedData) -> None:
+        """Inference settings for the merged export: KV cache on (training turned it off), generation stops at the
+        template's end token, and the tokenizer keeps the training chat template."""
+        tokenizer, template = prepared.tokenizer, prepared.template
+        model.config.use_cache = True
+        model.config.pad_token_id = tokenizer.pad_token_id
+        generation = model.generation_config
+        generation.eos_token_id = tokenizer.convert_tokens_to_ids(template.end_token_for(tokenizer))
+        generation.pad_token_id = tokenizer.pad_token_id
+        generation.bos_token_id = tokenizer.bos_token_id
+        tokenizer.chat_template = template.chat_template_for(tokenizer)
+
+    def configure_model(self, model, recipe, prepared: PreparedData) -> list[str]:
+        # A KV cache is useless in training and breaks packed-sequence isolation (the mask is built from positions
+        # only when there is no cache).
+        model.config.use_cache = False
+        tokenizer = prepared.tokenizer
+        model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(
+            prepared.template.end_token_for(tokenizer)
+        )
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return []
 
     def build_trainer(self, recipe, model, prepared: PreparedData, callbacks=None):
-        from qlora_pipeline import packing
-        from qlora_pipeline.trainer import PipelineSFTTrainer
+        from qlora_pipeline.data import packing
+        from qlora_pipeline.training.trainer import PipelineSFTTrainer
 
         args, collator = recipe.training, None
         train_set = prepared.train.dataset.remove_columns(["n_tokens"])
@@ -134,9 +148,9 @@ class CausalLMTask(Task):
             return {}
         if recipe.task.generation_metric == "medtuned":
             found = prepared.extra["medtuned_rows"]
-            return medtuned_metric.evaluate_medtuned(model, prepared.tokenizer, prepared.template, found, recipe)
+            return medtuned.evaluate_medtuned(model, prepared.tokenizer, prepared.template, found, recipe)
         if recipe.task.generation_metric == "symptoms":
-            from qlora_pipeline.tasks.symptoms_metric import evaluate_symptoms
+            from qlora_pipeline.tasks.metrics.symptoms import evaluate_symptoms
 
             return evaluate_symptoms(model, prepared.tokenizer, prepared.template, prepared.eval_rows, recipe)
         return {}
@@ -158,7 +172,7 @@ def _recognise_medtuned(recipe, eval_set, owner):
     set and listed with the skipped rows of `owner`, the RowSource it came from. Returns (eval rows, recognised
     rows, notes)."""
     data = recipe.data
-    default = medtuned_metric.source_name(data.eval_files[0] if data.eval_files else data.dataset_name)
+    default = medtuned.source_name(data.eval_files[0] if data.eval_files else data.dataset_name)
     locations = eval_set[data_mod.ROW_COLUMN]
     dropped: list[int] = []
 
@@ -170,7 +184,7 @@ def _recognise_medtuned(recipe, eval_set, owner):
         dropped.append(index)
 
     def recognise(rows, where):
-        return medtuned_metric.scored_rows(rows, data, recipe.task.metric_family_column, default, where, bad)
+        return medtuned.scored_rows(rows, data, recipe.task.metric_family_column, default, where, bad)
 
     found = recognise(eval_set, locations.__getitem__)
     notes = []
@@ -182,5 +196,43 @@ def _recognise_medtuned(recipe, eval_set, owner):
         notes.append(
             f"generation_metric medtuned: {len(dropped)} held-out rows whose gold answer does not parse were skipped"
         )
-    notes += medtuned_metric.check_found(found, ", ".join(data.eval_files) or data.dataset_name)
+    notes += medtuned.check_found(found, ", ".join(data.eval_files) or data.dataset_name)
     return eval_set, found, notes
+
+
+def load_tokenizer(model_args, training_args, template: PromptTemplate):
+    """The causal LM's tokenizer for `template` (the task's own rule, `fit_end_and_pad_tokens`), for callers that
+    hold a template rather than a recipe (inference from an adapter saved without its tokenizer). Returns
+    (tokenizer, notes)."""
+    tokenizer = loading.load_pretrained_tokenizer(model_args, training_args)
+    notes = fit_end_and_pad_tokens(tokenizer, template)
+    tokenizer.padding_side = "right"
+    return tokenizer, notes
+
+
+def fit_end_and_pad_tokens(tokenizer, template: PromptTemplate) -> list[str]:
+    """The template's end token in the vocabulary, a pad token distinct from EOS and from that end token, and the
+    template as the tokenizer's chat template. Returns notes on what changed.
+
+    With pad == EOS, masking padding out of the loss also masks every EOS, and the model never learns to stop:
+    Starling ships exactly that, with `<|pad_0|>` unused beside it."""
+    notes = []
+    end_token = template.end_token_for(tokenizer)
+    if end_token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [end_token]})
+        notes.append(f"template '{template.name}': added {end_token!r} to the tokenizer (embeddings are resized)")
+    pad = tokenizer.pad_token
+    if pad is None or pad in (tokenizer.eos_token, end_token):
+        vocab = tokenizer.get_vocab()
+        found = next((t for t in KNOWN_PAD_TOKENS if t in vocab and t not in (tokenizer.eos_token, end_token)), None)
+        if found:
+            tokenizer.pad_token = found
+            notes.append(f"pad token: {found!r} (was {pad!r}, which would hide the end of each answer from the loss)")
+        else:
+            tokenizer.add_special_tokens({"pad_token": loading.ADDED_PAD_TOKEN})
+            notes.append(
+                f"pad token: added {loading.ADDED_PAD_TOKEN!r} (was {pad!r}); the embeddings are resized to fit it"
+            )
+    # Saved with the adapter and the merged export, so inference renders prompts exactly as training did.
+    tokenizer.chat_template = template.chat_template_for(tokenizer)
+    return notes

@@ -26,25 +26,19 @@ scikit-learn on the softmax probabilities, and the confusion matrix (rows true, 
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 from collections import Counter
 
-from qlora_pipeline import data as data_mod
-from qlora_pipeline import distributed, modeling
+from qlora_pipeline.data import rows as data_mod
+from qlora_pipeline.data import tokenize as tokens
 from qlora_pipeline.errors import DataError, PipelineError, RecipeError
-from qlora_pipeline.tasks import PreparedData, Task
+from qlora_pipeline.model import loading
+from qlora_pipeline.recipe.task_settings import label_text
+from qlora_pipeline.tasks.base import PreparedData, Task, trainer_arguments
 
 # Bump when `tokenize_split` changes what it writes, so cached results from older code are not reused.
 TOKENIZE_VERSION = "1"
 METRIC_NAMES = ("macro_f1", "accuracy", "roc_auc_macro")
-
-
-def label_text(value) -> str:
-    """A label as the task names it: whole numbers by their digits (JSON 3 and CSV "3" are one class), spaces
-    around it removed."""
-    return str(value).strip()
 
 
 def _sorted_labels(labels) -> list[str]:
@@ -60,36 +54,6 @@ def _is_whole_number(text: str) -> bool:
 
 
 # ---------------------------------------------------------------- tokenizer and rows
-
-
-def load_tokenizer(recipe):
-    """The model's tokenizer with a pad token that never occurs inside a text (see the module docstring), padding on
-    the right. Returns (tokenizer, notes)."""
-    from transformers import AutoTokenizer
-
-    name = modeling.resolve_model_path(recipe.model.tokenizer_name_or_path or recipe.model.model_name_or_path)
-    try:
-        # split_special_tokens is saved with the tokenizer (adapter folder, merged export): a pipeline built from
-        # either reads "<|endoftext|>" in a text as training did, as text.
-        tokenizer = AutoTokenizer.from_pretrained(
-            name,
-            revision=recipe.model.model_revision,
-            trust_remote_code=recipe.training.trust_remote_code,
-            split_special_tokens=True,
-        )
-    except Exception as exc:
-        raise PipelineError(f"{name}: could not load the tokenizer: {modeling.first_line(exc)}") from None
-    notes = []
-    added = set(_encode(tokenizer, ["a b"])["input_ids"][0])  # what the tokenizer puts around every text
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None and tokenizer.eos_token_id not in added:
-        tokenizer.pad_token = tokenizer.eos_token
-        notes.append(f"pad token: {tokenizer.eos_token!r} (EOS; the tokenizer had none)")
-    elif tokenizer.pad_token is None or tokenizer.pad_token_id in added:
-        # No EOS to use, or one the tokenizer adds to every text, where pooling would skip it: a token of its own.
-        tokenizer.add_special_tokens({"pad_token": modeling.ADDED_PAD_TOKEN})
-        notes.append(f"pad token: added {modeling.ADDED_PAD_TOKEN!r}; the embeddings are resized to fit it")
-    tokenizer.padding_side = "right"
-    return tokenizer, notes
 
 
 def _encode(tokenizer, texts: list[str], max_length: int | None = None):
@@ -218,24 +182,7 @@ def _locator(train_source, eval_source, column: str):
 # ---------------------------------------------------------------- tokenization
 
 
-def _fingerprint(dataset, tokenizer, recipe, label2id: dict[str, int]) -> str:
-    parts = [
-        getattr(dataset, "_fingerprint", ""),
-        tokenizer.name_or_path,
-        type(tokenizer).__name__,
-        str(len(tokenizer)),
-        str(tokenizer.pad_token),
-        json.dumps(label2id, sort_keys=True),
-        recipe.task.text_column,
-        recipe.task.label_column,
-        str(recipe.training.max_length),
-        recipe.data.overlong,
-        TOKENIZE_VERSION,
-    ]
-    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
-
-
-def tokenize_split(dataset, tokenizer, recipe, label2id: dict[str, int], name: str) -> data_mod.TokenizedSplit:
+def tokenize_split(dataset, tokenizer, recipe, label2id: dict[str, int], name: str) -> tokens.TokenizedSplit:
     """input_ids, attention_mask (token_type_ids where the tokenizer makes them), labels and n_tokens per row, no
     padding. A text over max_length is dropped, truncated or an error, as `overlong` says, and counted."""
     text_column, label_column = recipe.task.text_column, recipe.task.label_column
@@ -257,32 +204,31 @@ def tokenize_split(dataset, tokenizer, recipe, label2id: dict[str, int], name: s
             encoded[data_mod.ROW_COLUMN] = batch[data_mod.ROW_COLUMN]
         return encoded
 
-    fingerprint = _fingerprint(dataset, tokenizer, recipe, label2id)
-    from_cache = data_mod.cache_file_exists(dataset, fingerprint)
-    with data_mod.quiet_progress(policy == "error"):
-        encoded = dataset.map(
-            encode,
-            batched=True,
-            batch_size=256,
-            remove_columns=dataset.column_names,
-            new_fingerprint=fingerprint,
-            desc=f"Tokenizing {name}",
-        )
+    key = tokens.fingerprint(
+        dataset,
+        tokenizer.name_or_path,
+        type(tokenizer).__name__,
+        str(len(tokenizer)),
+        str(tokenizer.pad_token),
+        json.dumps(label2id, sort_keys=True),
+        recipe.task.text_column,
+        recipe.task.label_column,
+        str(recipe.training.max_length),
+        recipe.data.overlong,
+        TOKENIZE_VERSION,
+    )
+    encoded, from_cache = tokens.map_rows(dataset, encode, key, f"Tokenizing {name}", quiet=policy == "error")
     lengths = encoded["n_tokens"]
-    over = [i for i, n in enumerate(lengths) if max_length is not None and n > max_length]
-    if over and policy == "error":
-        raise DataError(
-            f"{encoded[over[0]][data_mod.ROW_COLUMN]}: text of {lengths[over[0]]} tokens, over max_length "
-            f"{max_length} (overlong: error; {len(over)} of {len(encoded)} {name} rows are over); raise max_length, "
-            "or set overlong: truncate"
-        )
+    over = tokens.over_max_length(
+        encoded, max_length, policy, f"{name} rows are over", "text of {n} tokens", "truncate"
+    )
     kept = encoded
     if over and policy == "drop":
         dropped = set(over)
         kept = encoded.select([i for i in range(len(encoded)) if i not in dropped])
     if data_mod.ROW_COLUMN in kept.column_names:
         kept = kept.remove_columns([data_mod.ROW_COLUMN])
-    return data_mod.TokenizedSplit(
+    return tokens.TokenizedSplit(
         dataset=kept,
         rows_in=len(dataset),
         overlong=len(over),
@@ -303,18 +249,6 @@ def head_modules(model) -> list[str]:
     return [
         name for name, module in model.named_children() if module is not base and any(True for _ in module.parameters())
     ]
-
-
-def training_arguments(recipe):
-    """Plain TrainingArguments from the recipe's training settings (an SFTConfig: its TrainingArguments fields only),
-    with the logits kept for the accuracy and macro-F1 logged at each evaluation."""
-    from transformers import TrainingArguments
-
-    training = recipe.training
-    values = {f.name: getattr(training, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-    values["prediction_loss_only"] = False  # the pipeline asks causal-LM evaluation for the loss only
-    values["label_names"] = ["labels"]  # a PeftModel's forward hides the name from the Trainer's signature check
-    return TrainingArguments(**values)
 
 
 def trainer_metrics(prediction) -> dict[str, float]:
@@ -434,34 +368,17 @@ def predict_probabilities(model, tokenizer, texts: list[str], batch_size: int, m
 
 class ClassificationTask(Task):
     name = "classification"
-    peft_task_type = "SEQ_CLS"
     metric_names = METRIC_NAMES
-    # GPT-style sequence classifiers name their head `score`. peft's SEQ_CLS adds "classifier" and "score" to any
-    # list anyway, so BERT-like heads are covered too; load_model checks that the model's actual head (every new
-    # top-level module, e.g. DistilBERT's pre_classifier) is trained in full.
-    modules_to_save = ("score",)
-
-    def check(self, values: dict, fail) -> list[str]:
-        if values["text_column"] == values["label_column"]:
-            fail("label_column", f"names the same column as text_column ({values['text_column']!r})")
-        names = values["class_names"]
-        if names is not None:
-            cleaned = [label_text(name) for name in names]
-            if len(cleaned) < 2:
-                fail("class_names", f"needs at least two classes, got {names!r}")
-            if "" in cleaned:
-                fail("class_names", "holds an empty name")
-            repeated = sorted({name for name in cleaned if cleaned.count(name) > 1})
-            if repeated:
-                fail("class_names", f"names {', '.join(map(repr, repeated))} more than once")
-        if not values["eval_split_size"] and not values["eval_file"]:
-            return ["classification: no held-out rows (eval_split_size 0, no eval_file): no accuracy, F1 or AUC"]
-        return []
+    auto_class = "AutoModelForSequenceClassification"
+    # split_special_tokens is saved with the tokenizer (adapter folder, merged export): a pipeline built from either
+    # reads "<|endoftext|>" in a text as training did, as text.
+    tokenizer_options = {"split_special_tokens": True}
+    resize_reason = " for the added pad token"
 
     def prepare_data(self, recipe) -> PreparedData:
         from accelerate import PartialState
 
-        tokenizer, notes = load_tokenizer(recipe)
+        tokenizer, notes = self.load_tokenizer(recipe)
         task, wanted = recipe.task, columns(recipe)
         # The main process tokenizes and fills the datasets cache; the others then read it.
         with PartialState().main_process_first():
@@ -502,35 +419,33 @@ class ClassificationTask(Task):
             extra={"class_names": class_names, "label2id": label2id},
         )
 
-    def load_model(self, recipe, prepared: PreparedData):
-        from transformers import AutoModelForSequenceClassification
+    def fit_tokenizer(self, tokenizer, recipe) -> list[str]:
+        """A pad token that never occurs inside a text (see the module docstring)."""
+        added = set(_encode(tokenizer, ["a b"])["input_ids"][0])  # what the tokenizer puts around every text
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None and tokenizer.eos_token_id not in added:
+            tokenizer.pad_token = tokenizer.eos_token
+            return [f"pad token: {tokenizer.eos_token!r} (EOS; the tokenizer had none)"]
+        if tokenizer.pad_token is None or tokenizer.pad_token_id in added:
+            # No EOS to use, or one the tokenizer adds to every text, where pooling would skip it: a token of its own.
+            tokenizer.add_special_tokens({"pad_token": loading.ADDED_PAD_TOKEN})
+            return [f"pad token: added {loading.ADDED_PAD_TOKEN!r}; the embeddings are resized to fit it"]
+        return []
 
-        model_args, training_args, tokenizer = recipe.model, recipe.training, prepared.tokenizer
+    def model_options(self, recipe, prepared: PreparedData) -> dict:
         class_names = prepared.extra["class_names"]
-        _check_trained_head(model_args, training_args, class_names)
-        quantization = modeling.quantization_config(model_args, training_args)
-        model, resized = modeling.load_base_model(
-            model_args,
-            training_args,
-            tokenizer,
-            quantization=quantization,
-            dtype=modeling.training_dtype(model_args),
-            device_map=distributed.device_map(training_args.use_cpu),
-            model_class=AutoModelForSequenceClassification,
-            num_labels=len(class_names),
-            id2label=dict(enumerate(class_names)),
-            label2id={name: i for i, name in enumerate(class_names)},
-        )
-        notes = [f"embeddings resized to {len(tokenizer)} tokens for the added pad token"] if resized else []
+        _check_trained_head(recipe.model, recipe.training, class_names)
+        return {
+            "num_labels": len(class_names),
+            "id2label": dict(enumerate(class_names)),
+            "label2id": {name: i for i, name in enumerate(class_names)},
+        }
+
+    def configure_model(self, model, recipe, prepared: PreparedData) -> list[str]:
+        # The classifier pools each row's last token that is not the pad token (see the module docstring): the pad
+        # id is set by the loader.
         model.config.use_cache = False
-        # The classifier pools each row's last token that is not the pad token (see the module docstring).
-        model.config.pad_token_id = tokenizer.pad_token_id
         self._check_head_trains(model, recipe)
-        if quantization is not None:
-            model = modeling.prepare_for_kbit_training(
-                model, training_args.gradient_checkpointing, training_args.gradient_checkpointing_kwargs
-            )
-        return model, notes
+        return []
 
     def _check_head_trains(self, model, recipe) -> None:
         """A head module left out of modules_to_save would stay at its random initialisation: refuse."""
@@ -552,7 +467,9 @@ class ClassificationTask(Task):
         eval_set = prepared.eval.dataset.remove_columns(["n_tokens"]) if prepared.eval else None
         return Trainer(
             model=model,
-            args=training_arguments(recipe),
+            # The logits are kept for the accuracy and macro-F1 logged at each evaluation; a PeftModel's forward hides
+            # the label name from the Trainer's signature check.
+            args=trainer_arguments(recipe, prediction_loss_only=False, label_names=["labels"]),
             data_collator=DataCollatorWithPadding(prepared.tokenizer),  # each batch padded to its longest text
             train_dataset=train_set,
             eval_dataset=eval_set,
@@ -586,7 +503,7 @@ def _check_trained_head(model_args, training_args, class_names: list[str]) -> No
     be one for the data's classes, in their order: from_pretrained would otherwise relabel its head with ours."""
     from transformers import AutoConfig
 
-    name = modeling.resolve_model_path(model_args.model_name_or_path)
+    name = loading.resolve_model_path(model_args.model_name_or_path)
     try:
         config = AutoConfig.from_pretrained(
             name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code

@@ -18,22 +18,23 @@ Evaluation. Every window of a question is run through the model; over all of the
 end tokens form candidate spans (inside the context, end after start, at most `max_answer_length` tokens), and the best
 span's text is cut from the original context by its character offsets. Where the data has unanswerable questions
 (SQuAD v2), the question is answered "" when the [CLS] score (start + end) beats the best span's by more than
-`null_score_diff_threshold`, as the official v2 evaluation expects. Metrics (qa_metrics.py): exact match and F1 in
+`null_score_diff_threshold`, as the official v2 evaluation expects. Metrics (squad.py): exact match and F1 in
 percent (0..100, like the official script), with the HasAns_/NoAns_ breakdown when there are unanswerable questions.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_pipeline import data as data_mod
-from qlora_pipeline import distributed, modeling, tiny
+from qlora_pipeline.data import rows as data_mod
+from qlora_pipeline.data import samples
+from qlora_pipeline.data import tokenize as tokens
 from qlora_pipeline.errors import DataError, PipelineError
-from qlora_pipeline.tasks import PreparedData, Task, qa_metrics
+from qlora_pipeline.tasks.base import PreparedData, Task, trainer_arguments
+from qlora_pipeline.tasks.metrics import squad
 
 # Bump when the window features change, so cached tokenizations from older code are not reused.
 FEATURES_VERSION = "1"
@@ -43,28 +44,16 @@ BOOKKEEPING = ("n_tokens", "example_id", "offset_mapping", "cls_index")
 
 class ExtractiveQATask(Task):
     name = "extractive_qa"
-    peft_task_type = "QUESTION_ANS"
     metric_names = ("f1", "exact_match")
-    modules_to_save = ("qa_outputs",)
-
-    def check(self, values: dict, fail) -> list[str]:
-        max_length, stride = values["max_length"], values["doc_stride"]
-        if max_length is None:
-            fail("max_length", "extractive_qa needs it: contexts are split into windows of max_length tokens")
-        if stride > max_length // 2:
-            fail(
-                "doc_stride",
-                f"{stride} is more than half of max_length {max_length}: consecutive windows would share most of "
-                "their tokens (bert-base-uncased's usual setting: max_length 384, doc_stride 128)",
-            )
-        return []
+    auto_class = "AutoModelForQuestionAnswering"
+    resize_reason = ""
 
     # ------------------------------------------------------------ data
 
     def prepare_data(self, recipe) -> PreparedData:
         from accelerate import PartialState
 
-        tokenizer, notes = load_tokenizer(recipe)
+        tokenizer, notes = self.load_tokenizer(recipe)
         with PartialState().main_process_first():
             train_source = load_examples(recipe.data.dataset_name, recipe, tokenizer)
             eval_source = load_examples(recipe.data.eval_files[0], recipe, tokenizer) if recipe.data.eval_file else None
@@ -94,38 +83,35 @@ class ExtractiveQATask(Task):
 
     # ------------------------------------------------------------ model and trainer
 
-    def load_model(self, recipe, prepared: PreparedData):
-        from transformers import AutoModelForQuestionAnswering
+    def fit_tokenizer(self, tokenizer, recipe) -> list[str]:
+        """It must be a fast (Rust) tokenizer: the windows' character offsets come from it."""
+        if not tokenizer.is_fast:
+            raise PipelineError(
+                f"{tokenizer.name_or_path}: extractive_qa needs a fast (Rust) tokenizer for character offsets; "
+                f"{type(tokenizer).__name__} has none"
+            )
+        if tokenizer.pad_token is not None:
+            return []
+        # Encoder QA never scores padding (the attention mask hides it), so any existing token will do.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        return [f"pad token: {tokenizer.pad_token!r} (the tokenizer had none)"]
 
-        quantization = modeling.quantization_config(recipe.model, recipe.training)
-        if quantization is not None:
-            # The new head stays a plain float layer: quantizing a randomly initialised head would leave it untrained
-            # (bitsandbytes 4-bit layers hold frozen weights), and modules_to_save trains a full copy of it.
-            quantization.llm_int8_skip_modules = list(recipe.model.lora_modules_to_save or self.modules_to_save)
-        model, resized = modeling.load_base_model(
-            recipe.model,
-            recipe.training,
-            prepared.tokenizer,
-            quantization=quantization,
-            dtype=modeling.training_dtype(recipe.model),
-            device_map=distributed.device_map(recipe.training.use_cpu),
-            model_class=AutoModelForQuestionAnswering,
-        )
-        notes = [f"embeddings resized to {len(prepared.tokenizer)} tokens"] if resized else []
+    def unquantized_modules(self, recipe) -> list[str]:
+        # The new head stays a plain float layer: quantizing a randomly initialised head would leave it untrained,
+        # and modules_to_save trains a full copy of it.
+        return list(recipe.model.lora_modules_to_save or self.modules_to_save)
+
+    def configure_model(self, model, recipe, prepared: PreparedData) -> list[str]:
         head = [n for n in self.modules_to_save if hasattr(model, n)]
         if head:
-            notes.append(f"{', '.join(head)}: the answer-span head, new (initialised from seed {recipe.training.seed})")
-        model.config.pad_token_id = prepared.tokenizer.pad_token_id
-        if quantization is not None:
-            model = modeling.prepare_for_kbit_training(
-                model, recipe.training.gradient_checkpointing, recipe.training.gradient_checkpointing_kwargs
-            )
-        return model, notes
+            return [f"{', '.join(head)}: the answer-span head, new (initialised from seed {recipe.training.seed})"]
+        return []
 
     def build_trainer(self, recipe, model, prepared: PreparedData, callbacks=None):
         from transformers import DataCollatorWithPadding, Trainer
 
-        args = training_arguments(recipe.training)
+        # Only model inputs and start/end positions reach the Trainer (model_inputs), named as its labels.
+        args = trainer_arguments(recipe, label_names=["start_positions", "end_positions"], remove_unused_columns=False)
         half = args.fp16 or args.bf16
         return Trainer(
             model=model,
@@ -149,35 +135,7 @@ class ExtractiveQATask(Task):
             rows = rows.select(range(limit))
         predictions = predict(model, prepared.tokenizer, rows, recipe, prepared.extra.get("unanswerable", True))
         golds = [answers["text"] for answers in rows["answers"]]
-        return qa_metrics.squad_scores([predictions[i] for i in rows["id"]], golds)
-
-
-# ---------------------------------------------------------------- tokenizer
-
-
-def load_tokenizer(recipe):
-    """The model's tokenizer; it must be a fast one (the windows' character offsets come from it)."""
-    from transformers import AutoTokenizer
-
-    name = modeling.resolve_model_path(recipe.model.tokenizer_name_or_path or recipe.model.model_name_or_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            name, revision=recipe.model.model_revision, trust_remote_code=recipe.training.trust_remote_code
-        )
-    except Exception as exc:
-        raise PipelineError(f"{name}: could not load the tokenizer: {modeling.first_line(exc)}") from None
-    if not tokenizer.is_fast:
-        raise PipelineError(
-            f"{name}: extractive_qa needs a fast (Rust) tokenizer for character offsets; {type(tokenizer).__name__} "
-            "has none"
-        )
-    notes = []
-    if tokenizer.pad_token is None:
-        # Encoder QA never scores padding (the attention mask hides it), so any existing token will do.
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        notes.append(f"pad token: {tokenizer.pad_token!r} (the tokenizer had none)")
-    tokenizer.padding_side = "right"
-    return tokenizer, notes
+        return squad.squad_scores([predictions[i] for i in rows["id"]], golds)
 
 
 # ---------------------------------------------------------------- reading examples
@@ -200,9 +158,9 @@ def load_examples(name: str, recipe, tokenizer=None) -> data_mod.RowSource:
     """The questions of a SQuAD JSON file or of flat rows, checked, as a RowSource whose dataset holds
     {id, context, question, answers: {text, answer_start}}. With `tokenizer`, a question too long to leave room for
     the context in a window is a bad row too."""
-    from qlora_pipeline.data import quiet_progress
+    from qlora_pipeline.data.rows import quiet_progress
 
-    resolved = tiny.resolve_sample(name) if tiny.is_embedded(name) else name
+    resolved = samples.resolve_sample(name) if samples.is_embedded(name) else name
     problems = _Problems(recipe.data.on_bad_rows == "skip", [])
     path = Path(resolved).expanduser()
     with quiet_progress():
@@ -562,7 +520,7 @@ def answer_tokens(offsets, sequence_ids, answers: dict, cls: int) -> tuple[int, 
     return start, end
 
 
-def tokenize_split(dataset, tokenizer, recipe, name: str) -> data_mod.TokenizedSplit:
+def tokenize_split(dataset, tokenizer, recipe, name: str) -> tokens.TokenizedSplit:
     """The windows of every example of a split, cached by `datasets` where the rows come from a cached file."""
     max_length, stride = recipe.training.max_length, recipe.task.doc_stride
     ids = dataset["id"]
@@ -572,30 +530,18 @@ def tokenize_split(dataset, tokenizer, recipe, name: str) -> data_mod.TokenizedS
         windows["example_id"] = [batch["id"][i] for i in windows.pop("example_index")]
         return windows
 
-    fingerprint = hashlib.sha256(
-        "\x00".join(
-            [
-                getattr(dataset, "_fingerprint", ""),
-                tokenizer.name_or_path,
-                type(tokenizer).__name__,
-                str(len(tokenizer)),
-                str(max_length),
-                str(stride),
-                FEATURES_VERSION,
-            ]
-        ).encode()
-    ).hexdigest()[:16]
-    from_cache = cache_file_exists(dataset, fingerprint)
-    windows = dataset.map(
-        encode,
-        batched=True,
-        batch_size=256,
-        remove_columns=dataset.column_names,
-        new_fingerprint=fingerprint,
-        desc=f"Windows of {name}",
+    key = tokens.fingerprint(
+        dataset,
+        tokenizer.name_or_path,
+        type(tokenizer).__name__,
+        str(len(tokenizer)),
+        str(max_length),
+        str(stride),
+        FEATURES_VERSION,
     )
+    windows, from_cache = tokens.map_rows(dataset, encode, key, f"Windows of {name}")
     per_example = _windows_per_example(ids, windows["example_id"])
-    return data_mod.TokenizedSplit(
+    return tokens.TokenizedSplit(
         dataset=windows,
         rows_in=len(dataset),
         overlong=sum(1 for n in per_example.values() if n > 1),  # questions whose context needs several windows
@@ -613,7 +559,7 @@ def _windows_per_example(ids, example_ids) -> dict[str, int]:
     return counts
 
 
-def windows_note(split: data_mod.TokenizedSplit, name: str) -> str:
+def windows_note(split: tokens.TokenizedSplit, name: str) -> str:
     windows = len(split.dataset)
     return (
         f"{name}: {split.rows_in} questions → {windows} windows ({windows / max(split.rows_in, 1):.2f} per question; "
@@ -621,29 +567,9 @@ def windows_note(split: data_mod.TokenizedSplit, name: str) -> str:
     )
 
 
-def cache_file_exists(dataset, fingerprint: str) -> bool:
-    files = getattr(dataset, "cache_files", None)
-    if not files:
-        return False
-    return (Path(files[0]["filename"]).parent / f"cache-{fingerprint}.arrow").exists()
-
-
 def model_inputs(windows):
     """The windows as the Trainer takes them: model inputs and start/end positions only."""
     return windows.remove_columns([c for c in BOOKKEEPING if c in windows.column_names])
-
-
-def training_arguments(config):
-    """Plain TrainingArguments from the recipe's SFTConfig: only the fields TrainingArguments has (the SFT ones,
-    max_length, packing…, would mean nothing to the Trainer), and the QA labels named."""
-    import dataclasses
-
-    from transformers import TrainingArguments
-
-    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-    values["label_names"] = ["start_positions", "end_positions"]
-    values["remove_unused_columns"] = False  # the datasets hold model inputs only (model_inputs)
-    return TrainingArguments(**values)
 
 
 # ---------------------------------------------------------------- prediction

@@ -10,20 +10,17 @@ naming the row); an answer longer than `max_target_length` is truncated (its `</
 
 Trained with transformers' Seq2SeqTrainer, which generates during evaluation (greedy, `eval_max_new_tokens`) and
 logs the metric next to the eval loss. The metric: exact match and token F1 as SQuAD defines them (normalised
-answers; qa_metrics.py) and ROUGE-L F-measure (the `rouge-score` package), each 0..100 over the held-out rows.
+answers; squad.py) and ROUGE-L F-measure (the `rouge-score` package), each 0..100 over the held-out rows.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import itertools
 import json
 
-from qlora_pipeline import data as data_mod
-from qlora_pipeline import distributed, modeling
-from qlora_pipeline.errors import DataError, PipelineError
-from qlora_pipeline.tasks import PreparedData, Task
+from qlora_pipeline.data import rows as data_mod
+from qlora_pipeline.data import tokenize as tokens
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.tasks.base import PreparedData, Task, trainer_arguments
 
 # Bump when `tokenize_split` changes what it writes, so cached results from older code are not reused.
 TOKENIZE_VERSION = "1"
@@ -43,7 +40,7 @@ def answer_scores(predictions: list[str], golds: list[str]) -> dict[str, float]:
     tokens: lower case, letters and digits), each the mean over the rows in 0..100; n: the rows scored."""
     from rouge_score import rouge_scorer
 
-    from qlora_pipeline.tasks.qa_metrics import exact_match, token_f1
+    from qlora_pipeline.tasks.metrics.squad import exact_match, token_f1
 
     if len(predictions) != len(golds):
         raise ValueError(f"{len(predictions)} predictions for {len(golds)} answers")
@@ -67,48 +64,7 @@ def _percent(values: list[float]) -> float:
 # ---------------------------------------------------------------- data
 
 
-def load_tokenizer(recipe):
-    """The model's tokenizer as it ships (T5's has <pad>, </s> and its sentinels). Returns (tokenizer, notes)."""
-    from transformers import AutoTokenizer
-
-    name = modeling.resolve_model_path(recipe.model.tokenizer_name_or_path or recipe.model.model_name_or_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            name, revision=recipe.model.model_revision, trust_remote_code=recipe.training.trust_remote_code
-        )
-    except Exception as exc:
-        raise PipelineError(f"{name}: could not load the tokenizer: {modeling.first_line(exc)}") from None
-    if tokenizer.eos_token is None:
-        raise PipelineError(f"{name}: the tokenizer has no end-of-sequence token, so answers could not end")
-    notes = []
-    if tokenizer.pad_token is None:
-        # Labels are padded with -100, so the pad token only fills the encoder's batches (and starts T5's decoder).
-        tokenizer.pad_token = tokenizer.eos_token
-        notes.append(f"pad token: {tokenizer.eos_token!r} (the tokenizer had none)")
-    tokenizer.padding_side = "right"
-    return tokenizer, notes
-
-
-def _fingerprint(dataset, tokenizer, recipe) -> str:
-    task = recipe.task
-    parts = [
-        getattr(dataset, "_fingerprint", ""),
-        tokenizer.name_or_path,
-        type(tokenizer).__name__,
-        str(len(tokenizer)),
-        json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
-        str(recipe.training.max_length),
-        str(task.max_target_length),
-        recipe.data.overlong,
-        task.context_column,
-        task.question_column,
-        task.answer_column,
-        TOKENIZE_VERSION,
-    ]
-    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
-
-
-def tokenize_split(dataset, tokenizer, recipe, name: str) -> tuple[data_mod.TokenizedSplit, list[int], list[str]]:
+def tokenize_split(dataset, tokenizer, recipe, name: str) -> tuple[tokens.TokenizedSplit, list[int], list[str]]:
     """input_ids, attention_mask and labels (the answer's ids, ending with </s>) per row, unpadded; n_tokens: the
     input's length before truncation. The split's `truncated` counts inputs cut at max_length; answers cut at
     max_target_length are counted in a note. Returns (split, indices of the rows kept, notes)."""
@@ -137,25 +93,30 @@ def tokenize_split(dataset, tokenizer, recipe, name: str) -> tuple[data_mod.Toke
             out[data_mod.ROW_COLUMN] = batch[data_mod.ROW_COLUMN]
         return out
 
-    fingerprint = _fingerprint(dataset, tokenizer, recipe)
-    from_cache = data_mod.cache_file_exists(dataset, fingerprint)
-    with data_mod.quiet_progress(policy == "error"):
-        encoded = dataset.map(
-            encode,
-            batched=True,
-            batch_size=256,
-            remove_columns=dataset.column_names,
-            new_fingerprint=fingerprint,
-            desc=f"Tokenizing {name}",
-        )
+    key = tokens.fingerprint(
+        dataset,
+        tokenizer.name_or_path,
+        type(tokenizer).__name__,
+        str(len(tokenizer)),
+        json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
+        str(max_length),
+        str(max_target),
+        policy,
+        task.context_column,
+        task.question_column,
+        task.answer_column,
+        TOKENIZE_VERSION,
+    )
+    encoded, from_cache = tokens.map_rows(dataset, encode, key, f"Tokenizing {name}", quiet=policy == "error")
+    over = tokens.over_max_length(
+        encoded,
+        max_length,
+        policy,
+        f"{name} rows are over",
+        "input of {n} tokens (question and context)",
+        "drop or truncate",
+    )
     lengths = encoded["n_tokens"]
-    over = [i for i, n in enumerate(lengths) if max_length is not None and n > max_length]
-    if over and policy == "error":
-        raise DataError(
-            f"{encoded[over[0]][data_mod.ROW_COLUMN]}: input of {lengths[over[0]]} tokens (question and context), "
-            f"over max_length {max_length} (overlong: error; {len(over)} of {len(encoded)} {name} rows are over); "
-            "raise max_length, or set overlong: drop or truncate"
-        )
     dropped = set(over) if policy == "drop" else set()
     keep = [i for i in range(len(encoded)) if i not in dropped]
     answer_cut = encoded["answer_cut"]
@@ -169,7 +130,7 @@ def tokenize_split(dataset, tokenizer, recipe, name: str) -> tuple[data_mod.Toke
         )
     kept = encoded.select(keep) if len(keep) != len(encoded) else encoded
     helpers = [c for c in ("answer_cut", data_mod.ROW_COLUMN) if c in kept.column_names]
-    split = data_mod.TokenizedSplit(
+    split = tokens.TokenizedSplit(
         dataset=kept.remove_columns(helpers),
         rows_in=len(dataset),
         overlong=len(over),
@@ -186,15 +147,8 @@ def tokenize_split(dataset, tokenizer, recipe, name: str) -> tuple[data_mod.Toke
 
 class Seq2SeqTask(Task):
     name = "seq2seq"
-    peft_task_type = "SEQ_2_SEQ_LM"
     metric_names = METRIC_NAMES
-
-    def check(self, values: dict, fail) -> list[str]:
-        keys = ("context_column", "question_column", "answer_column")
-        for first, second in itertools.combinations(keys, 2):
-            if values[first] == values[second]:
-                fail(second, f"names the same column as {first} ({values[first]!r}); each must be its own column")
-        return []
+    auto_class = "AutoModelForSeq2SeqLM"
 
     def columns(self, recipe) -> data_mod.Columns:
         task = recipe.task
@@ -209,7 +163,7 @@ class Seq2SeqTask(Task):
     def prepare_data(self, recipe) -> PreparedData:
         from accelerate import PartialState
 
-        tokenizer, notes = load_tokenizer(recipe)
+        tokenizer, notes = self.load_tokenizer(recipe)
         columns = self.columns(recipe)
         # The main process tokenizes and fills the datasets cache; the others then read it.
         with PartialState().main_process_first():
@@ -248,30 +202,23 @@ class Seq2SeqTask(Task):
             extra={"eval_answers": eval_answers},
         )
 
-    def load_model(self, recipe, prepared: PreparedData):
-        from transformers import AutoModelForSeq2SeqLM
-
-        model_args, training_args, tokenizer = recipe.model, recipe.training, prepared.tokenizer
-        quantization = modeling.quantization_config(model_args, training_args)
-        model, resized = modeling.load_base_model(
-            model_args,
-            training_args,
-            tokenizer,
-            quantization=quantization,
-            dtype=modeling.training_dtype(model_args),
-            device_map=distributed.device_map(training_args.use_cpu),
-            model_class=AutoModelForSeq2SeqLM,
-        )
-        notes = [f"embeddings resized to {len(tokenizer)} tokens for the added special tokens"] if resized else []
-        model.config.use_cache = False  # no KV cache in training; generation asks for it
-        model.config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        if quantization is not None:
-            model = modeling.prepare_for_kbit_training(
-                model, training_args.gradient_checkpointing, training_args.gradient_checkpointing_kwargs
+    def fit_tokenizer(self, tokenizer, recipe) -> list[str]:
+        """The tokenizer as it ships (T5's has <pad>, </s> and its sentinels); answers must be able to end."""
+        if tokenizer.eos_token is None:
+            raise PipelineError(
+                f"{tokenizer.name_or_path}: the tokenizer has no end-of-sequence token, so answers could not end"
             )
-        return model, notes
+        if tokenizer.pad_token is not None:
+            return []
+        # Labels are padded with -100, so the pad token only fills the encoder's batches (and starts T5's decoder).
+        tokenizer.pad_token = tokenizer.eos_token
+        return [f"pad token: {tokenizer.eos_token!r} (the tokenizer had none)"]
+
+    def configure_model(self, model, recipe, prepared: PreparedData) -> list[str]:
+        model.config.use_cache = False  # no KV cache in training; generation asks for it
+        model.generation_config.pad_token_id = prepared.tokenizer.pad_token_id
+        model.generation_config.eos_token_id = prepared.tokenizer.eos_token_id
+        return []
 
     def build_trainer(self, recipe, model, prepared: PreparedData, callbacks=None):
         from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer
@@ -313,16 +260,15 @@ class Seq2SeqTask(Task):
 
 
 def seq2seq_arguments(recipe):
-    """Seq2SeqTrainingArguments from the recipe's training settings (an SFTConfig: its TrainingArguments fields
-    only), generating during evaluation: greedy, at most eval_max_new_tokens answer tokens."""
-    from transformers import Seq2SeqTrainingArguments, TrainingArguments
+    """Seq2SeqTrainingArguments from the recipe's training settings, generating during evaluation: greedy, at most
+    eval_max_new_tokens answer tokens."""
+    from transformers import Seq2SeqTrainingArguments
 
-    training = recipe.training
-    values = {f.name: getattr(training, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-    # The pipeline asks causal-LM evaluation for the loss only; here the eval loop generates for the metric.
-    values["prediction_loss_only"] = False
-    return Seq2SeqTrainingArguments(
-        **values,
+    return trainer_arguments(
+        recipe,
+        Seq2SeqTrainingArguments,
+        # The pipeline asks causal-LM evaluation for the loss only; here the eval loop generates for the metric.
+        prediction_loss_only=False,
         predict_with_generate=True,
         # max_length counts the decoder's start token: one more than the answer tokens generated.
         generation_max_length=recipe.task.eval_max_new_tokens + 1,
