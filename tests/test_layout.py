@@ -138,3 +138,34 @@ def test_no_stage_imports_another_stage():
 def test_every_module_states_its_job():
     missing = [name for name, path in modules().items() if not ast.get_docstring(ast.parse(path.read_text()))]
     assert missing == []
+
+
+def readme_tree() -> set[str]:
+    """The paths under qlora_pipeline/ that the README's Layout block names, from its indentation (two spaces a
+    level); a folder ends in '/'."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    paths, stack = set(), []
+    for line in block.splitlines():
+        if not line.strip() or not line.lstrip().split()[0].endswith(("/", ".py", ".md")):
+            continue
+        depth = (len(line) - len(line.lstrip())) // 2
+        name = line.split()[0]
+        stack = stack[:depth] + [name]
+        if stack[0] == "qlora_pipeline/" and depth > 0:
+            paths.add("".join(stack[1:]))
+    return paths
+
+
+def test_the_readme_layout_names_every_module_and_nothing_else():
+    named = readme_tree()
+    # A folder named without its files (samples/, configs/) holds data, named as a whole.
+    data_folders = [f for f in named if f.endswith("/") and not any(n.startswith(f) and n != f for n in named)]
+    shipped = {
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*")
+        if path.suffix in (".py", ".md") and path.name != "__init__.py" and "__pycache__" not in path.parts
+    }
+    unnamed = {name for name in shipped - named if not name.startswith(tuple(data_folders))}
+    assert unnamed == set(), "modules the README's Layout does not name"
+    assert [name for name in named if not (PACKAGE / name).exists()] == [], "named in the Layout, not there"

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_pipeline.data import samples
-from qlora_pipeline.errors import DataError
+from qlora_pipeline.errors import DataError, first_line
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 # Column that carries each row's location through the split when overlong: error must name the row.
@@ -140,6 +140,14 @@ def load_rows(name: str, data_args, split: str | None = None, columns: Columns |
         return _load_and_check(name, data_args, split, columns or instruction_columns(data_args))
 
 
+def load_train_and_eval(data_args, columns: Columns | None = None) -> tuple[RowSource, RowSource | None]:
+    """The recipe's training rows and, where it names one, its eval file (each checked for `columns`)."""
+    train = load_rows(data_args.dataset_name, data_args, columns=columns)
+    if not data_args.eval_file:
+        return train, None
+    return train, load_rows(data_args.eval_files[0], data_args, columns=columns)
+
+
 def _load_and_check(name: str, data_args, split: str | None, columns: Columns) -> RowSource:
     import datasets
 
@@ -152,8 +160,7 @@ def _load_and_check(name: str, data_args, split: str | None, columns: Columns) -
     try:
         dataset = datasets.load_dataset(name, data_args.dataset_config, split=split or data_args.dataset_split)
     except Exception as exc:  # datasets raises many types: offline, not found, bad config, bad split
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{name}: could not load the dataset from the Hub: {first_line}") from None
+        raise DataError(f"{name}: could not load the dataset from the Hub: {first_line(exc)}") from None
     return _check_dataset(dataset, name, data_args, columns)
 
 

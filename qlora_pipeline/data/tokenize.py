@@ -101,8 +101,6 @@ def tokenize(
         prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         full_ids = tokenizer([p + c for p, c in zip(prompts, completions)], add_special_tokens=False)["input_ids"]
         out = {"input_ids": [], "completion_mask": [], "n_tokens": [], "truncated": []}
-        if ROW_COLUMN in batch:
-            out[ROW_COLUMN] = batch[ROW_COLUMN]
         for prompt, full in zip(prompt_ids, full_ids):
             if full[: len(prompt)] != prompt:
                 raise DataError(
@@ -126,6 +124,7 @@ def tokenize(
 
     key = fingerprint(
         dataset,
+        tokenizer,
         tokenizer_fingerprint(tokenizer, template),
         str(max_length),
         data_args.overlong,
@@ -165,19 +164,33 @@ def cache_file_exists(dataset, key: str) -> bool:
     return os.path.exists(os.path.join(folder, f"cache-{key}.arrow"))
 
 
-def fingerprint(dataset, *parts: str) -> str:
-    """The cache key of a tokenized split: the rows' own fingerprint and everything the encoding depends on."""
-    return hashlib.sha256("\x00".join([getattr(dataset, "_fingerprint", ""), *parts]).encode()).hexdigest()[:16]
+def fingerprint(dataset, tokenizer, *parts: str) -> str:
+    """The cache key of a tokenized split: the rows' own fingerprint, the tokenizer, and everything else the
+    encoding depends on (`parts`: lengths, columns, policies, the encoder's version)."""
+    named = [tokenizer.name_or_path, type(tokenizer).__name__, str(len(tokenizer))]
+    return hashlib.sha256("\x00".join([getattr(dataset, "_fingerprint", ""), *named, *parts]).encode()).hexdigest()[:16]
 
 
 def map_rows(dataset, encode, key: str, desc: str, quiet: bool = False):
-    """dataset.map(encode) in batches, the columns replaced by what `encode` returns, cached under `key`.
-    Returns (encoded, from_cache). `quiet`: no progress bar (with overlong: error the run may stop on a row, and a
-    bar would stand between it and the one-line error)."""
+    """dataset.map(encode) in batches, the columns replaced by what `encode` returns (each row keeps its location,
+    ROW_COLUMN, for the error that names it), cached under `key`. Returns (encoded, from_cache). `quiet`: no
+    progress bar (with overlong: error the run may stop on a row, and a bar would stand between it and the error)."""
+
+    def encode_and_locate(batch):
+        out = encode(batch)
+        if ROW_COLUMN in batch:
+            out[ROW_COLUMN] = batch[ROW_COLUMN]
+        return out
+
     from_cache = cache_file_exists(dataset, key)
     with quiet_progress(quiet):
         encoded = dataset.map(
-            encode, batched=True, batch_size=256, remove_columns=dataset.column_names, new_fingerprint=key, desc=desc
+            encode_and_locate,
+            batched=True,
+            batch_size=256,
+            remove_columns=dataset.column_names,
+            new_fingerprint=key,
+            desc=desc,
         )
     return encoded, from_cache
 
@@ -195,3 +208,13 @@ def over_max_length(encoded, max_length: int | None, policy: str, name: str, wha
             f"(overlong: error; {len(over)} of {len(encoded)} {name}); raise max_length, or set overlong: {remedy}"
         )
     return over
+
+
+def check_rows_left(splits, dataset_name: str, max_length: int | None, what: str) -> None:
+    """A split that overlong: drop emptied is an error naming the dataset (`what`: example, text, input)."""
+    for split in filter(None, splits):
+        if len(split.dataset) == 0:
+            raise DataError(
+                f"{dataset_name}: every {what} is longer than max_length {max_length} "
+                f"({split.overlong} of {split.rows_in}); raise max_length or set overlong: truncate"
+            )

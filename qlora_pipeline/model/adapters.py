@@ -39,20 +39,20 @@ def locate(path: str | os.PathLike) -> MergeSource:
     raise PipelineError(f"{adapter_dir}: no recipe.yaml beside the adapter; pass the run folder that training wrote")
 
 
-def _base_model(recipe: Recipe, tokenizer, quantization, dtype, device: str):
-    model, _ = loading.load_base_model(
-        recipe.model, recipe.training, tokenizer, quantization=quantization, dtype=dtype, device_map={"": device}
-    )
-    return model
-
-
 def load_trained_model(recipe: Recipe, adapter_dir: Path, tokenizer, device: str):
-    """The model exactly as training ran it: the base quantized with the same settings, plus the adapter.
-
-    `tokenizer` is the one training used (its length sizes the embeddings); also used by `infer`."""
+    """The causal LM exactly as training ran it, for inference from a saved adapter (`generate`, `chat`): the base
+    quantized with the same settings, plus the adapter. `tokenizer` is the one saved with the adapter (its length
+    sizes the embeddings). The stages that hold the recipe's prepared data use `Task.load_trained` instead."""
     check_adapter_base(adapter_dir, recipe)
     quantization = loading.quantization_config(recipe.model, recipe.training)
-    base = _base_model(recipe, tokenizer, quantization, loading.training_dtype(recipe.model), device)
+    base, _ = loading.load_base_model(
+        recipe.model,
+        recipe.training,
+        tokenizer,
+        quantization=quantization,
+        dtype=loading.training_dtype(recipe.model),
+        device_map={"": device},
+    )
     if quantization is not None:
         # Training ran with this: it keeps norms and embeddings in float32 beside the 4-bit layers.
         base = loading.prepare_for_kbit_training(base, use_gradient_checkpointing=False)

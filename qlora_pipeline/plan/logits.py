@@ -31,11 +31,11 @@ class LossKernel:
     bytes_per_logit: float | None  # None: the size of the compute dtype (one tile, worked on in place)
 
 
-# The pipeline's loss (qlora_pipeline/trainer.py): logits_to_keep = the labelled columns, float32 logits, plain
+# The pipeline's loss (qlora_pipeline/training/trainer.py): logits_to_keep = the labelled columns, float32 logits, plain
 # cross-entropy; its peak is in the forward, as the metrics run: the logits, the log-softmax cross-entropy keeps,
 # and the metrics' log-softmax, its exp and their product: 5 float32 values a logit (measured: 5.05-5.09).
 PIPELINE_LOSS = LossKernel(
-    "cross-entropy on the labelled positions (qlora_pipeline/trainer.py)", "labelled-columns", None, 5 * 4
+    "cross-entropy on the labelled positions (qlora_pipeline/training/trainer.py)", "labelled-columns", None, 5 * 4
 )
 
 

@@ -28,7 +28,6 @@ from qlora_pipeline.tasks.measure import keep_generations, measure, same_answers
 def evaluate(target: str, model: str | list[str] | None = None, overrides: list[str] | None = None) -> Path:
     """`qlora-pipeline evaluate`: measure the models the target names (see the module doc), `model` one or several
     more; returns evaluation.md."""
-
     from qlora_pipeline.recipe import load_recipe
     from qlora_pipeline.tasks import get_task, prepare_data
 

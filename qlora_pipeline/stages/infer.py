@@ -2,7 +2,7 @@
 
 What can be loaded (`open_model`):
   - a run folder (adapter/ + recipe.yaml): the model as trained, i.e. the base quantized per the recipe plus the
-    adapter (`merge.load_trained_model`); with `merged=True`, its merged export RUN/merged instead;
+    adapter (`model.adapters.load_trained_model`); with `merged=True`, its merged export RUN/merged instead;
   - an adapter folder (adapter_config.json; recipe.yaml beside it or in its parent): the same;
   - a merged export or any model folder (config.json): plain `AutoModelForCausalLM`.
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.errors import PipelineError, first_line
 from qlora_pipeline.model import loading
 from qlora_pipeline.model.adapters import MergeSource, attach_adapter, check_adapter_base, locate
 from qlora_pipeline.recipe import Recipe, load_recipe
@@ -208,7 +208,7 @@ def describe_os_error(exc: Exception) -> str:
     if isinstance(exc, OSError):
         where = f" ({exc.filename})" if exc.filename else ""
         return f"{exc.strerror or exc}{where}"
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return first_line(exc)
 
 
 def print_memory_plan(config, dtype_name: str, quantized: bool) -> None:

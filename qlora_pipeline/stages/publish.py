@@ -18,7 +18,7 @@ import socket
 import struct
 from pathlib import Path
 
-from qlora_pipeline.errors import PipelineError, PublishError, one_line
+from qlora_pipeline.errors import PipelineError, PublishError, first_line, one_line
 from qlora_pipeline.secrets import machine_secrets, redact
 
 # Files that are pickles (they run code when loaded): an export holds safetensors only.
@@ -417,7 +417,7 @@ def explain_hub_error(exc: Exception, folder: Path, repo_id: str, revision: str 
             return f"publish: the Hub is rate-limiting this account (429{said}): wait a few minutes; {untouched}"
         if status is not None and status >= 500:
             return f"publish: the Hub failed with a server error ({status}{said}); {untouched}"
-        reason = server or one_line(str(http).splitlines()[0] if str(http) else type(http).__name__)
+        reason = server or one_line(first_line(http))
         return f"publish: the Hub answered HTTP {status}: {reason}; {untouched}"
     network = next((e for e in errors if _is_network_error(e)), None)
     if network is not None:

@@ -72,15 +72,12 @@ def run(
     # 4. Tracking: the W&B run (offline without a key), started before the first evaluation logs into it.
     data_summary = {"train": prepared.train.stats(), "eval": prepared.eval.stats() if prepared.eval else None}
     data_summary.update(prepared.accounting or {})
-    tracker, tracking_notes = tracking.start(recipe, run_dir, data_summary, resume=checkpoint is not None)
-    notes += say_notes(tracking_notes, True)
-    if tracker is not None:
-        trainer.add_callback(tracking.ThroughputLogger(tracker))
+    tracker, tracking_notes = start_tracking(recipe, trainer, run_dir, data_summary, resume=checkpoint is not None)
+    notes += tracking_notes
     non_padding = non_padding_fraction(trainer)
 
-    # 5. Evaluate (eval loss, the task's metric), train, evaluate again.
-    answers_dir = run_dir if state.is_main_process else None  # where a generation metric keeps every answer
-    scores = Scores(task, recipe, prepared, trainer, answers_dir)
+    # 5. Evaluate (eval loss, the task's metric), train, evaluate again; a generation metric's answers are kept.
+    scores = Scores(task, recipe, prepared, trainer, answers_dir=run_dir if state.is_main_process else None)
     if checkpoint is None:
         scores.before()
     trained = train_until_done(recipe, trainer, checkpoint, state, tracker, overrides)
@@ -138,6 +135,15 @@ def record_data(recipe: Recipe, prepared: PreparedData, run_dir: Path, main_proc
             data_rows.write_skipped(run_dir / data_rows.SKIPPED_FILE, prepared.skipped)
             print(f"note: the {len(prepared.skipped)} skipped rows are listed in {run_dir / data_rows.SKIPPED_FILE}")
     return notes
+
+
+def start_tracking(recipe: Recipe, trainer, run_dir: Path, data_summary: dict, resume: bool):
+    """The W&B run (None where the recipe reports to no tracker), logging throughput from the trainer; its notes
+    printed. Returns (run, notes)."""
+    tracker, notes = tracking.start(recipe, run_dir, data_summary, resume=resume)
+    if tracker is not None:
+        trainer.add_callback(tracking.ThroughputLogger(tracker))
+    return tracker, say_notes(notes, True)
 
 
 def describe_batch(args, processes: int) -> str:

@@ -8,8 +8,10 @@ A task (a subclass of `Task`) answers the flow's questions:
 - `evaluate(model, prepared, recipe)`: the task's metric on the held-out rows, a flat dict of numbers.
 
 Shared here: `load_tokenizer` (one loader; the task's pad-token rule in `fit_tokenizer`), `load_model` (one loader;
-the task's model kwargs, modules kept unquantized and post-load settings in hooks), `trainer_arguments` (the
-recipe's SFTConfig as the task's TrainingArguments class) and the LoRA facts from recipe/task_settings.py.
+the task's model kwargs, modules kept unquantized and post-load settings in hooks), `load_trained` (the model as
+trained: the seeded base + its adapter), `PreparedData.from_sources` (the end of every data step: notes, skipped
+rows, every row accounted for), `trainer_arguments` (the recipe's SFTConfig as the task's TrainingArguments class),
+the merge's hooks (`fidelity_probe`, `prepare_export`) and the LoRA facts from recipe/task_settings.py.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from qlora_pipeline.data import rows as data_rows
 from qlora_pipeline.model import loading
 from qlora_pipeline.model.adapters import attach_adapter
 from qlora_pipeline.recipe import task_settings
@@ -30,13 +33,30 @@ class PreparedData:
 
     tokenizer: Any
     template: Any  # the prompt template (causal LM); None for the other tasks
-    train: Any  # data.TokenizedSplit
-    eval: Any  # data.TokenizedSplit | None
+    train: Any  # tokenize.TokenizedSplit
+    eval: Any  # tokenize.TokenizedSplit | None
     notes: list[str]
-    skipped: list[dict] | None = None  # rows left out under on_bad_rows: skip (data.Where.record)
-    accounting: dict | None = None  # rows read, skipped, unused (data.accounting)
+    skipped: list[dict] | None = None  # rows left out under on_bad_rows: skip (rows.Where.record)
+    accounting: dict | None = None  # rows read, skipped, unused (rows.accounting)
     eval_rows: Any = None  # the held-out rows as read (datasets.Dataset): gold answers and labels for the metric
     extra: dict = field(default_factory=dict)  # task-specific facts (e.g. label names), saved nowhere by the flow
+
+    @classmethod
+    def from_sources(cls, tokenizer, template, splits, sources, rows, notes, *, after=(), extra=None):
+        """Every task's data step ends here: `splits` (train, eval) tokenized from `rows` (the train and eval
+        datasets), which came from `sources` (the train and eval RowSources as read; eval None). The sources' notes
+        follow `notes` (and precede `after`), their skipped rows are gathered, and every row read is accounted for."""
+        read = [source for source in sources if source is not None]
+        return cls(
+            tokenizer,
+            template,
+            *splits,
+            [*notes, *(note for source in read for note in source.notes), *after],
+            [record for source in read for record in source.skipped],
+            data_rows.accounting(*sources, *rows),
+            eval_rows=rows[1],
+            extra=extra or {},
+        )
 
 
 class Task:

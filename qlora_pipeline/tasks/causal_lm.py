@@ -1,11 +1,11 @@
 """Causal LM: instruction SFT, the main job (Starling on Llama2-MedTuned-Instructions; DistilGPT-2 symptoms).
 
 Rows (instruction, optional input, output) are rendered with the recipe's prompt template and tokenized with a
-completion mask (data.tokenize); the pipeline packs them into rows of at most max_length with per-example positions
-(packing.py) and trains through TRL's SFTTrainer (trainer.PipelineSFTTrainer: loss on the labelled positions only).
-The eval loss is the metric; `generation_metric` adds one on generated answers: `symptoms` (symptoms_metric.py) or
-`medtuned` (medtuned.py: NER, relation extraction, NLI, document classification, scored per subtask, with
-several held-out files at once).
+completion mask (data/tokenize.py); the pipeline packs them into rows of at most max_length with per-example
+positions (data/packing.py) and trains through TRL's SFTTrainer (training/trainer.py: loss on the labelled positions
+only). The eval loss is the metric; `generation_metric` adds one on generated answers: `symptoms`
+(metrics/symptoms.py) or `medtuned` (metrics/medtuned.py: NER, relation extraction, NLI, document classification,
+scored per subtask, with several held-out files at once).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import dataclasses
 from qlora_pipeline.data import rows as data_mod
 from qlora_pipeline.data import tokenize as tokens
 from qlora_pipeline.data.templates import PromptTemplate, get_template
-from qlora_pipeline.errors import DataError, PipelineError
+from qlora_pipeline.errors import DataError
 from qlora_pipeline.model import loading
 from qlora_pipeline.tasks.base import PreparedData, Task
 from qlora_pipeline.tasks.fidelity import LogitProbe
@@ -71,19 +71,15 @@ class CausalLMTask(Task):
 
             where = ", ".join(files) or recipe.data.dataset_name
             notes += check_rows(eval_set, recipe.data.instruction_column, recipe.data.output_column, where)
-        for split in filter(None, (train, evaluation)):
-            if len(split.dataset) == 0:
-                raise PipelineError(
-                    f"{recipe.data.dataset_name}: every example is longer than max_length {max_length} "
-                    f"({split.overlong} of {split.rows_in}); raise max_length or set overlong: truncate"
-                )
-        sources = [s for s in (train_rows, eval_rows) if s is not None]
-        notes += [note for source in sources for note in source.notes]
-        skipped = [record for source in sources for record in source.skipped]
-        accounting = data_mod.accounting(train_rows, eval_rows, train_set, eval_set)
-        extra = {"medtuned_rows": found} if scores_medtuned else {}
-        return PreparedData(
-            tokenizer, template, train, evaluation, notes, skipped, accounting, eval_rows=eval_set, extra=extra
+        tokens.check_rows_left((train, evaluation), recipe.data.dataset_name, max_length, "example")
+        return PreparedData.from_sources(
+            tokenizer,
+            template,
+            (train, evaluation),
+            (train_rows, eval_rows),
+            (train_set, eval_set),
+            notes,
+            extra={"medtuned_rows": found} if scores_medtuned else {},
         )
 
     def fit_tokenizer(self, tokenizer, recipe) -> list[str]:

@@ -8,7 +8,7 @@ held-out label never seen in training is an error: no model could learn it). The
 (`id2label`, `label2id`), so a merged export names its classes.
 
 The held-out split is stratified by label where it can be (every class gets its share of eval rows; plain
-`data.split_train_eval` otherwise, or the recipe's `eval_file`). Texts are tokenized without padding; each batch is
+`rows.split_train_eval` otherwise, or the recipe's `eval_file`). Texts are tokenized without padding; each batch is
 padded to its longest text by `DataCollatorWithPadding`; a text over `max_length` follows `overlong` (the tiny and
 real recipes truncate: a classifier can still read the start of a long text). The model is
 `AutoModelForSequenceClassification` with LoRA (or QLoRA) and its new head trained in full (`modules_to_save`).
@@ -100,7 +100,7 @@ def keep_known_labels(source: data_mod.RowSource, class_names: list[str], column
 
 def held_out_split(source: data_mod.RowSource, recipe, eval_source: data_mod.RowSource | None):
     """(train rows, eval rows or None, notes). The recipe's eval_file, else a split by seed: stratified by label where
-    every class has two rows and each side can hold one of each (scikit-learn), else data.split_train_eval's."""
+    every class has two rows and each side can hold one of each (scikit-learn), else rows.split_train_eval's."""
     data_args, seed = recipe.data, recipe.training.seed
     if eval_source is not None or not data_args.eval_split_size:
         return (*data_mod.split_train_eval(source, data_args, seed, eval_source), [])
@@ -200,15 +200,11 @@ def tokenize_split(dataset, tokenizer, recipe, label2id: dict[str, int], name: s
                     encoded[key][i] = cut[key][j]
         encoded["labels"] = [label2id[label_text(v)] for v in batch[label_column]]
         encoded["n_tokens"] = lengths
-        if data_mod.ROW_COLUMN in batch:
-            encoded[data_mod.ROW_COLUMN] = batch[data_mod.ROW_COLUMN]
         return encoded
 
     key = tokens.fingerprint(
         dataset,
-        tokenizer.name_or_path,
-        type(tokenizer).__name__,
-        str(len(tokenizer)),
+        tokenizer,
         str(tokenizer.pad_token),
         json.dumps(label2id, sort_keys=True),
         recipe.task.text_column,
@@ -382,12 +378,7 @@ class ClassificationTask(Task):
         task, wanted = recipe.task, columns(recipe)
         # The main process tokenizes and fills the datasets cache; the others then read it.
         with PartialState().main_process_first():
-            train_source = data_mod.load_rows(recipe.data.dataset_name, recipe.data, columns=wanted)
-            eval_source = (
-                data_mod.load_rows(recipe.data.eval_files[0], recipe.data, columns=wanted)
-                if recipe.data.eval_file
-                else None
-            )
+            train_source, eval_source = data_mod.load_train_and_eval(recipe.data, wanted)
             sources = [s for s in (train_source, eval_source) if s is not None]
             if task.class_names:
                 allowed = [label_text(name) for name in task.class_names]
@@ -399,23 +390,19 @@ class ClassificationTask(Task):
             label2id = {name: i for i, name in enumerate(class_names)}
             train = tokenize_split(train_set, tokenizer, recipe, label2id, "train")
             evaluation = tokenize_split(eval_set, tokenizer, recipe, label2id, "eval") if eval_set else None
-        for split in filter(None, (train, evaluation)):
-            if len(split.dataset) == 0:
-                raise PipelineError(
-                    f"{recipe.data.dataset_name}: every text is longer than max_length {recipe.training.max_length} "
-                    f"({split.overlong} of {split.rows_in}); raise max_length or set overlong: truncate"
-                )
-        notes += [note for source in sources for note in source.notes] + split_notes + label_notes
-        notes.append(f"classes: {', '.join(f'{i} {name}' for i, name in enumerate(class_names))}")
-        return PreparedData(
+        tokens.check_rows_left((train, evaluation), recipe.data.dataset_name, recipe.training.max_length, "text")
+        return PreparedData.from_sources(
             tokenizer,
             None,
-            train,
-            evaluation,
+            (train, evaluation),
+            (train_source, eval_source),
+            (train_set, eval_set),
             notes,
-            [record for source in sources for record in source.skipped],
-            data_mod.accounting(train_source, eval_source, train_set, eval_set),
-            eval_rows=eval_set,
+            after=[
+                *split_notes,
+                *label_notes,
+                f"classes: {', '.join(f'{i} {name}' for i, name in enumerate(class_names))}",
+            ],
             extra={"class_names": class_names, "label2id": label2id},
         )
 

@@ -3,10 +3,10 @@
 Data. A SQuAD JSON file (`data[].paragraphs[].qas[]`, v1 or v2) is read by this module, which names a bad question by
 file, line, its place in the file and its id: a missing question or context, answers that are not a list, an
 `answer_start` that does not point at the answer's text in the context, a duplicate id. Flat rows (JSONL, CSV,
-parquet, the Hub's `rajpurkar/squad_v2`) go through `data.load_rows` with `question_column`, `context_column` and
+parquet, the Hub's `rajpurkar/squad_v2`) go through `rows.load_rows` with `question_column`, `context_column` and
 `answers_column` ({text: [...], answer_start: [...]}, empty lists for an unanswerable question; in a CSV, that object
 as JSON text). `on_bad_rows` applies to every one of those problems. Each question becomes one example
-{id, context, question, answers}; the held-out split is by question (`data.split_train_eval`).
+{id, context, question, answers}; the held-out split is by question (`rows.split_train_eval`).
 
 Features. A context longer than a window is split into windows of `max_length` tokens (question + context) that
 overlap by `doc_stride` tokens: `tokenizer(question, context, truncation="only_second", stride=doc_stride,
@@ -63,21 +63,15 @@ class ExtractiveQATask(Task):
             train_set, eval_set = (_without_row_names(s) for s in (train_set, eval_set))
             train = tokenize_split(train_set, tokenizer, recipe, "train")
             evaluation = tokenize_split(eval_set, tokenizer, recipe, "eval") if eval_set is not None else None
-        sources = [s for s in (train_source, eval_source) if s is not None]
-        notes += [note for source in sources for note in source.notes]
-        notes += [windows_note(split, name) for split, name in ((train, "train"), (evaluation, "eval")) if split]
-        skipped = [record for source in sources for record in source.skipped]
-        accounting = data_mod.accounting(train_source, eval_source, train_set, eval_set)
         unanswerable = any(_has_unanswerable(s) for s in (train_set, eval_set) if s is not None)
-        return PreparedData(
+        return PreparedData.from_sources(
             tokenizer,
             None,
-            train,
-            evaluation,
+            (train, evaluation),
+            (train_source, eval_source),
+            (train_set, eval_set),
             notes,
-            skipped,
-            accounting,
-            eval_rows=eval_set,
+            after=[windows_note(split, name) for split, name in ((train, "train"), (evaluation, "eval")) if split],
             extra={"unanswerable": unanswerable},
         )
 
@@ -360,7 +354,7 @@ def _answer_problem(text, start, context: str) -> str | None:
 
 @dataclass(frozen=True)
 class _QAColumns(data_mod.Columns):
-    """Question and context checked as text by data.load_rows; the answers column travels with the rows and is
+    """Question and context checked as text by rows.load_rows; the answers column travels with the rows and is
     checked here (data.Columns checks text columns only)."""
 
     answers: str = "answers"
@@ -375,7 +369,7 @@ def read_flat_rows(name: str, recipe, problems: _Problems):
     """(examples, wheres, rows read, notes, rows load_rows skipped) from JSONL/CSV/parquet/Hub rows."""
     task = recipe.task
     required = (("question_column", task.question_column), ("context_column", task.context_column))
-    # JSON and CSV rows are parsed by data.py keeping only the columns named, so the answers column is named too;
+    # JSON and CSV rows are parsed by data/rows.py keeping only the columns named, so the answers column is named too;
     # parquet and Hub datasets keep every column, and naming it there would select a column that may be missing.
     columns = (
         _QAColumns(required=required, answers=task.answers_column, ids=recipe.data.id_column)
@@ -408,7 +402,7 @@ def read_flat_rows(name: str, recipe, problems: _Problems):
 
 
 def _parsed_row_by_row(name: str) -> bool:
-    """Whether data.load_rows reads `name` itself (local JSON, JSONL, CSV) rather than through `datasets`."""
+    """Whether rows.load_rows reads `name` itself (local JSON, JSONL, CSV) rather than through `datasets`."""
     path = Path(name).expanduser()
     files = sorted(path.iterdir()) if path.is_dir() else [path]
     return path.exists() and any(f.suffix.lower() in (".json", ".jsonl", ".csv") for f in files)
@@ -532,9 +526,7 @@ def tokenize_split(dataset, tokenizer, recipe, name: str) -> tokens.TokenizedSpl
 
     key = tokens.fingerprint(
         dataset,
-        tokenizer.name_or_path,
-        type(tokenizer).__name__,
-        str(len(tokenizer)),
+        tokenizer,
         str(max_length),
         str(stride),
         FEATURES_VERSION,

@@ -1,6 +1,6 @@
 """Greedy generation for scoring: many held-out prompts, answered in batches, each within its own token budget.
 
-The generation metrics (`symptoms_metric`, `medtuned_metric`) prompt the model exactly as training did (the
+The generation metrics (`metrics/symptoms.py`, `metrics/medtuned.py`) prompt the model exactly as training did (the
 template's generation prompt, no added special tokens: the template writes the BOS) and decode greedily until the
 template's end token. What makes it fast, and why the answers stay those of a one-row loop:
 

@@ -89,15 +89,11 @@ def tokenize_split(dataset, tokenizer, recipe, name: str) -> tuple[tokens.Tokeni
             out["labels"].append(cut[i])
             out["n_tokens"].append(len(full["input_ids"][i]))
             out["answer_cut"].append(len(targets[i]) > len(cut[i]))
-        if data_mod.ROW_COLUMN in batch:
-            out[data_mod.ROW_COLUMN] = batch[data_mod.ROW_COLUMN]
         return out
 
     key = tokens.fingerprint(
         dataset,
-        tokenizer.name_or_path,
-        type(tokenizer).__name__,
-        str(len(tokenizer)),
+        tokenizer,
         json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
         str(max_length),
         str(max_target),
@@ -167,38 +163,23 @@ class Seq2SeqTask(Task):
         columns = self.columns(recipe)
         # The main process tokenizes and fills the datasets cache; the others then read it.
         with PartialState().main_process_first():
-            train_rows = data_mod.load_rows(recipe.data.dataset_name, recipe.data, columns=columns)
-            eval_rows = (
-                data_mod.load_rows(recipe.data.eval_files[0], recipe.data, columns=columns)
-                if recipe.data.eval_file
-                else None
-            )
+            train_rows, eval_rows = data_mod.load_train_and_eval(recipe.data, columns)
             train_set, eval_set = data_mod.split_train_eval(train_rows, recipe.data, recipe.training.seed, eval_rows)
             train, _, train_notes = tokenize_split(train_set, tokenizer, recipe, "train")
             evaluation, eval_kept, eval_notes = (
                 tokenize_split(eval_set, tokenizer, recipe, "eval") if eval_set is not None else (None, [], [])
             )
-        for split in filter(None, (train, evaluation)):
-            if len(split.dataset) == 0:
-                raise PipelineError(
-                    f"{recipe.data.dataset_name}: every input is longer than max_length {recipe.training.max_length} "
-                    f"({split.overlong} of {split.rows_in}); raise max_length or set overlong: truncate"
-                )
-        sources = [s for s in (train_rows, eval_rows) if s is not None]
-        notes += [note for source in sources for note in source.notes] + train_notes + eval_notes
-        skipped = [record for source in sources for record in source.skipped]
-        accounting = data_mod.accounting(train_rows, eval_rows, train_set, eval_set)
+        tokens.check_rows_left((train, evaluation), recipe.data.dataset_name, recipe.training.max_length, "input")
         # The gold answers of the eval split's examples, in its order: the trainer's metric during evaluation.
         eval_answers = [eval_set[i][recipe.task.answer_column] for i in eval_kept] if eval_set is not None else []
-        return PreparedData(
+        return PreparedData.from_sources(
             tokenizer,
             None,
-            train,
-            evaluation,
+            (train, evaluation),
+            (train_rows, eval_rows),
+            (train_set, eval_set),
             notes,
-            skipped,
-            accounting,
-            eval_rows=eval_set,
+            after=train_notes + eval_notes,
             extra={"eval_answers": eval_answers},
         )
 
