@@ -32,7 +32,8 @@ def modules() -> dict[str, Path]:
 
 
 def imports_of(path: Path, known: set[str]) -> set[str]:
-    """The package's modules that `path` imports: `from a.b import c` is a.b.c where that is a module, else a.b."""
+    """The package's modules that `path` imports: `from a.b import c` is a.b (whose __init__ runs) and a.b.c where
+    that is a module."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
@@ -45,7 +46,8 @@ def imports_of(path: Path, known: set[str]) -> set[str]:
             if node.level:  # relative: from the module's own package upwards
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
-            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+            # `from package import module` runs the package's __init__ too: an edge to both.
+            targets = [base] + [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in known]
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             match = REGISTRY_STRING.match(node.value)
             targets = [match.group(1)] if match else []

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.command}: unknown option {extra[0]!r}; see qlora-pipeline {args.command} --help"
             )
         quiet_libraries()
-        return handler(args.handler)(args, extra) or 0
+        return command(args.command)(args, extra) or 0
     except (RecipeError, DataError) as exc:
         # Found before anything loads, the same on every rank: under `accelerate launch` only rank 0 says it.
         if os.environ.get("RANK", "0") == "0":
@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def handler(name: str):
-    """The function that runs a subcommand."""
+def command(name: str):
+    """The function that runs the subcommand `name`."""
     if name == "preprocess":
         from qlora_pipeline.cli.preprocess import preprocess
 

@@ -1,6 +1,7 @@
 """The command line's grammar: every subcommand, its options and help, in one parser. The commands themselves are
-in commands.py (and preprocess.py, plan.py); each subcommand names its handler, and says whether it takes recipe
-overrides (`--key value` after the recipe), which the recipe loader checks."""
+in commands.py (and preprocess.py, plan.py), under the subcommand's name. A subcommand that takes recipe overrides
+(`--key value` after the recipe, checked by the recipe loader) says so with `takes_overrides`; any other option it
+does not know is refused by `main`."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="recipe YAML file (see recipes/)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
-    train.set_defaults(handler="train", takes_overrides=True)
+    train.set_defaults(takes_overrides=True)
 
     preprocess = commands.add_parser(
         "preprocess",
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     preprocess.add_argument("recipe", help="recipe YAML file")
     preprocess.add_argument("--debug", type=int, default=0, metavar="N", help="print N examples token by token")
-    preprocess.set_defaults(handler="preprocess", takes_overrides=True)
+    preprocess.set_defaults(takes_overrides=True)
 
     merge = commands.add_parser(
         "merge",
@@ -61,7 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--max-ppl-increase", type=float, help="fail if perplexity rises by more than this share")
     merge.add_argument("--max-logit-diff", type=float, help="fail if any logit moves by more than this")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
-    merge.set_defaults(handler="merge")
 
     publish = commands.add_parser(
         "publish",
@@ -82,7 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--adapter-only", action="store_true", help="publish the LoRA adapter, not the merged model")
     publish.add_argument("--revision", metavar="BRANCH", help="branch to commit to (created if missing); default main")
     publish.add_argument("--dry-run", action="store_true", help="check and list what would be uploaded; send nothing")
-    publish.set_defaults(handler="publish")
 
     report = commands.add_parser(
         "report",
@@ -91,7 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
         "(train does this at the end of every run; this rewrites them).",
     )
     report.add_argument("run", metavar="RUN_DIR", help="run folder (holding summary.json and metrics.jsonl)")
-    report.set_defaults(handler="report")
 
     evaluate = commands.add_parser(
         "evaluate",
@@ -111,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH_OR_ID",
         help="also evaluate this adapter, model folder or Hub id (repeatable)",
     )
-    evaluate.set_defaults(handler="evaluate", takes_overrides=True)
+    evaluate.set_defaults(takes_overrides=True)
 
     generate = commands.add_parser(
         "generate",
@@ -131,7 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--output-file", metavar="FILE.jsonl", help="where the rows go (default: stdout)")
     generate.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
     add_generation_arguments(generate)
-    generate.set_defaults(handler="generate")
 
     chat = commands.add_parser(
         "chat",
@@ -141,7 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(chat)
     add_generation_arguments(chat)
-    chat.set_defaults(handler="chat")
 
     plan = commands.add_parser(
         "plan",
@@ -170,10 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
         "label (default: measured on the recipe's data where it is local, else 1, an upper bound)",
     )
     plan.add_argument("--json", action="store_true", help="print the plan as JSON (sizes in bytes)")
-    plan.set_defaults(handler="plan", takes_overrides=True)
+    plan.set_defaults(takes_overrides=True)
 
-    keys = commands.add_parser("keys", help="list every recipe key with its type, default and help")
-    keys.set_defaults(handler="keys")
+    commands.add_parser("keys", help="list every recipe key with its type, default and help")
     return parser
 
 

@@ -13,13 +13,15 @@ from qlora_pipeline.recipe import Recipe
 
 
 @dataclass
-class MergeSource:
+class TrainedAdapter:
+    """Where a trained adapter is, the run folder around it, and the recipe it was trained from."""
+
     adapter_dir: Path
     run_dir: Path | None  # the run folder, when the adapter sits in one (recipe.yaml, summary.json)
     recipe_path: Path
 
 
-def locate(path: str | os.PathLike) -> MergeSource:
+def locate(path: str | os.PathLike) -> TrainedAdapter:
     """A run folder (holding adapter/) or an adapter folder; the recipe is recipe.yaml beside the adapter."""
     given = Path(path)
     if not given.exists():
@@ -35,7 +37,7 @@ def locate(path: str | os.PathLike) -> MergeSource:
         )
     for candidate in (adapter_dir / "recipe.yaml", run_dir / "recipe.yaml" if run_dir else None):
         if candidate is not None and candidate.is_file():
-            return MergeSource(adapter_dir, run_dir, candidate)
+            return TrainedAdapter(adapter_dir, run_dir, candidate)
     raise PipelineError(f"{adapter_dir}: no recipe.yaml beside the adapter; pass the run folder that training wrote")
 
 

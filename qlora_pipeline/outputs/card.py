@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from huggingface_hub import ModelCard, ModelCardData
 
 from qlora_pipeline.data import samples
+from qlora_pipeline.outputs.evaluation_table import is_count
 from qlora_pipeline.outputs.names import ABSOLUTE_PATH, DATA_FILE_SUFFIXES, display_name, is_hub_id, scrub
 
 if TYPE_CHECKING:
@@ -437,16 +438,10 @@ def _result_rows(summary: dict | None) -> list[tuple[str, Any]] | None:
     metrics = summary.get("task_metrics") or {}
     before, after = metrics.get("before") or {}, metrics.get("after") or {}
     for name, value in after.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not _is_count(name):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not is_count(name):
             earlier = before.get(name)
             rows.append((f"{name} (held out)", f"{_number(earlier)} before → {_number(value)} after"))
     return [(k, v) for k, v in rows if v is not None]
-
-
-def _is_count(name: str) -> bool:
-    """A row count (n, n_forward, SUBTASK/n…), not a score: left out of the results."""
-    last = name.rsplit("/", 1)[-1]  # SUBTASK/METRIC (the medtuned metric)
-    return last == "n" or last.startswith("n_") or last.endswith("_n")
 
 
 def _eval_results(recipe: Recipe, summary: dict | None, fidelity: dict | None, kind: str) -> list:
@@ -462,7 +457,7 @@ def _eval_results(recipe: Recipe, summary: dict | None, fidelity: dict | None, k
     results = []
     for name, value in scores.items():
         subtask, _, metric = name.rpartition("/")
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or _is_count(name) or metric == "score":
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or is_count(name) or metric == "score":
             continue
         results.append(
             EvalResult(

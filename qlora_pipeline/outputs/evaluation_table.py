@@ -24,8 +24,10 @@ def _format(value) -> str:
     return f"{value:.2f}" if abs(value) >= 1 or value == 0 else f"{value:.4f}"
 
 
-def _is_count(name: str) -> bool:
-    return name == "n" or name.startswith("n_") or name.endswith("_n")
+def is_count(name: str) -> bool:
+    """A row count (n, n_forward, SUBTASK/n…), not a score: no change is shown for it, no card lists it."""
+    last = name.rsplit("/", 1)[-1]  # SUBTASK/METRIC (the medtuned metric)
+    return last == "n" or last.startswith("n_") or last.endswith("_n")
 
 
 def write_table(folder: Path, columns: dict[str, dict], task, recipe) -> tuple[Path, Path]:
@@ -65,7 +67,7 @@ def write_table(folder: Path, columns: dict[str, dict], task, recipe) -> tuple[P
             row = [f"**{label(name)}**" if name in headline else label(name), *map(_format, values)]
             if len(keys) > 1:
                 first, last = values[0], values[-1]
-                both = first is not None and last is not None and not _is_count(label(name))
+                both = first is not None and last is not None and not is_count(label(name))
                 row.append(f"{last - first:+.2f}" if both else "")
             lines.append("| " + " | ".join(row) + " |")
         return lines

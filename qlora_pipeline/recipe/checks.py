@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.errors import RecipeError
-from qlora_pipeline.recipe import task_settings
+from qlora_pipeline.recipe.task_settings import SETTINGS as TASK_SETTINGS
 
 # Attention backends on which packed examples stay isolated: transformers builds a block-diagonal causal mask
 # from restarting position_ids (sdpa, eager, flex) or passes the boundaries to a varlen kernel (flash attention).
@@ -119,9 +119,9 @@ def _check_task(values: dict[str, Any], fail) -> list[str]:
     """The task's peft type and head go into the LoRA settings, so the saved recipe carries them; causal-LM-only
     settings on another task are refused; then the task's own checks."""
     name = values["task"]
-    if name not in task_settings.SETTINGS:
-        fail("task", f"unknown task {name!r}; available: {', '.join(task_settings.SETTINGS)}")
-    task = task_settings.SETTINGS[name]
+    if name not in TASK_SETTINGS:
+        fail("task", f"unknown task {name!r}; available: {', '.join(TASK_SETTINGS)}")
+    task = TASK_SETTINGS[name]
     if name != "causal_lm":
         if values["packing"]:
             fail("packing", f"packs causal-LM examples; task '{name}' pads each batch to its longest example")

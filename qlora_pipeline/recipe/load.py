@@ -18,9 +18,10 @@ from typing import Any, Literal
 
 import yaml
 
+import qlora_pipeline.recipe.keys as key_cache
 from qlora_pipeline.errors import RecipeError
-from qlora_pipeline.recipe import keys, launcher
 from qlora_pipeline.recipe.checks import adapt_to_hardware, check_combinations, cuda_available, failer
+from qlora_pipeline.recipe.launcher import adapt as adapt_to_launcher
 from qlora_pipeline.recipe.schema import SECRET_FIELDS, Recipe, parser_classes
 
 
@@ -96,17 +97,17 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     source = str(path)
     values = _read_yaml(source)
     override_keys = _override_keys(overrides)
-    cached = keys.load()
+    cached = key_cache.load()
     if cached is not None:  # these versions' keys are known: refuse an unknown one before trl and torch load
         _check_keys(source, values, override_keys, cached.fields)
-        option = keys.first_unknown_option(overrides or [], cached.options)
+        option = key_cache.first_unknown_option(overrides or [], cached.options)
         if option:
             raise _unknown_option(option)
     classes = parser_classes()
     types = _field_types(classes)
     parser = _make_parser(classes, source, override_keys)
     if cached is None:
-        keys.store(types, parser)
+        key_cache.store(types, parser)
 
     _check_keys(source, values, override_keys, types)
     for key, value in values.items():
@@ -127,7 +128,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     given = dict(merged)
     notes += adapt_to_hardware(merged)
     before_launcher = dict(merged)
-    notes += launcher.adapt(merged, cuda=cuda_available(), fail=failer(origin))
+    notes += adapt_to_launcher(merged, cuda=cuda_available(), fail=failer(origin))
     launcher_changes = {key: before_launcher[key] for key in merged if merged[key] != before_launcher[key]}
     as_written = {key: given[key] for key in merged if merged[key] != given[key]}
     publish = bool(merged["push_to_hub"])

@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 
 from qlora_pipeline.errors import PipelineError, first_line
 from qlora_pipeline.model import loading
-from qlora_pipeline.model.adapters import MergeSource, attach_adapter, check_adapter_base, locate
+from qlora_pipeline.model.adapters import TrainedAdapter, attach_adapter, check_adapter_base, locate
 from qlora_pipeline.recipe import Recipe, load_recipe
 from qlora_pipeline.tasks import get_task, prepare_data
 
@@ -231,7 +231,7 @@ def print_memory_plan(config, dtype_name: str, quantized: bool) -> None:
     )
 
 
-def read_summary(source: MergeSource) -> dict | None:
+def read_summary(source: TrainedAdapter) -> dict | None:
     path = source.run_dir / "summary.json" if source.run_dir else None
     return json.loads(path.read_text()) if path and path.is_file() else None
 

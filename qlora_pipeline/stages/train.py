@@ -21,7 +21,9 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qlora_pipeline.data import rows as data_rows
 from qlora_pipeline.errors import Interrupted
@@ -29,7 +31,7 @@ from qlora_pipeline.model import loading
 from qlora_pipeline.outputs import tracking
 from qlora_pipeline.outputs.evaluation_table import print_table, write_table
 from qlora_pipeline.recipe import Recipe
-from qlora_pipeline.tasks import PreparedData, get_task, prepare_data
+from qlora_pipeline.tasks import PreparedData, Task, get_task, prepare_data
 from qlora_pipeline.tasks.measure import keep_generations, measure
 from qlora_pipeline.training.callbacks import MetricsFile, StopOnSignal, keep_adapter_dtype
 from qlora_pipeline.training.checkpoints import check_output_dir
@@ -159,23 +161,27 @@ def describe_batch(args, processes: int) -> str:
     )
 
 
+@dataclass
 class Scores:
     """The held-out figures before and after training: the eval loss, and the task's own metric where it can run
     (ZeRO-3 partitions the weights, so the task's loop cannot). A resumed run has no "before"."""
 
-    def __init__(self, task, recipe: Recipe, prepared: PreparedData, trainer, answers_dir: Path | None):
-        self.task, self.recipe, self.prepared, self.trainer, self.answers_dir = (
-            task,
-            recipe,
-            prepared,
-            trainer,
-            answers_dir,
-        )
-        self.has_eval = prepared.eval is not None
-        self.measurable = self.has_eval and not zero3(trainer)
-        self.eval_before: dict = {}
-        self.eval_after: dict = {}
-        self.task_metrics: dict = {}
+    task: Task
+    recipe: Recipe
+    prepared: PreparedData
+    trainer: Any
+    answers_dir: Path | None  # where a generation metric keeps every answer (None: not the main process)
+    eval_before: dict = field(default_factory=dict)
+    eval_after: dict = field(default_factory=dict)
+    task_metrics: dict = field(default_factory=dict)
+
+    @property
+    def has_eval(self) -> bool:
+        return self.prepared.eval is not None
+
+    @property
+    def measurable(self) -> bool:
+        return self.has_eval and not zero3(self.trainer)
 
     def before(self) -> None:
         if not self.has_eval:

@@ -453,7 +453,7 @@ def evaluate_medtuned(model, tokenizer, template, found: list[ScoredRow], recipe
     """The metric on the recognised held-out rows (at most `metric_max_samples` of each source): the flat metrics,
     `notes`, and `rows`: one record per row (written out by evaluate.save_generations). The caller sets eval mode;
     greedy decoding makes it deterministic."""
-    from qlora_pipeline.tasks import generation
+    import qlora_pipeline.tasks.generation as generation
 
     found = _capped(found, recipe.task.metric_max_samples)
     sets = label_sets(found)

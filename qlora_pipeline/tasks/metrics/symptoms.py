@@ -194,7 +194,7 @@ def generate_answers(
     model, tokenizer, template, questions: list[tuple[str, str | None]], max_new_tokens: int, batch_size: int = 8
 ) -> list[str]:
     """Greedy answers to (instruction, input) pairs, prompted exactly as in training, batched (generation.py)."""
-    from qlora_pipeline.tasks import generation
+    import qlora_pipeline.tasks.generation as generation
 
     prompts = generation.render_prompts(tokenizer, template, questions)
     return generation.generate(model, tokenizer, template, prompts, max_new_tokens, batch_size, progress="symptoms")
@@ -228,7 +228,7 @@ def evaluate_symptoms(model, tokenizer, template, eval_rows, recipe) -> dict:
     {symptom_f1, symptom_precision, symptom_recall (macro) and their _micro, n_forward, disease_top1, n_reverse, n},
     percentages, plus `notes` (a list of lines) where rows were left out or a direction is missing. The caller sets
     eval mode; generation is greedy, so the result is deterministic."""
-    from qlora_pipeline.tasks import generation
+    import qlora_pipeline.tasks.generation as generation
 
     data, task = recipe.data, recipe.task
     if task.metric_max_samples is not None:
