@@ -9,7 +9,7 @@ A task (a subclass of `Task`) answers the flow's questions:
 
 Shared here: `load_tokenizer` (one loader; the task's pad-token rule in `fit_tokenizer`), `load_model` (one loader;
 the task's model kwargs, modules kept unquantized and post-load settings in hooks), `load_trained` (the model as
-trained: the seeded base + its adapter), `PreparedData.from_sources` (the end of every data step: notes, skipped
+trained: the seeded base + its adapter), `PreparedData.from_splits` (the end of every data step: notes, skipped
 rows, every row accounted for), `trainer_arguments` (the recipe's SFTConfig as the task's TrainingArguments class),
 the merge's hooks (`fidelity_probe`, `prepare_export`) and the LoRA facts from recipe/task_settings.py.
 """
@@ -18,13 +18,22 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from qlora_pipeline.data import rows as data_rows
 from qlora_pipeline.model import loading
 from qlora_pipeline.model.adapters import attach_adapter
 from qlora_pipeline.recipe import task_settings
 from qlora_pipeline.tasks.fidelity import MetricProbe
+
+
+class Split(NamedTuple):
+    """One split as a task's data step made it: the RowSource its rows were read from (None for held-out rows split
+    off the training file), the rows (a datasets.Dataset, None where nothing is held out) and their tokenization."""
+
+    source: Any
+    rows: Any
+    tokenized: Any
 
 
 @dataclass
@@ -42,19 +51,19 @@ class PreparedData:
     extra: dict = field(default_factory=dict)  # task-specific facts (e.g. label names), saved nowhere by the flow
 
     @classmethod
-    def from_sources(cls, tokenizer, template, splits, sources, rows, notes, *, after=(), extra=None):
-        """Every task's data step ends here: `splits` (train, eval) tokenized from `rows` (the train and eval
-        datasets), which came from `sources` (the train and eval RowSources as read; eval None). The sources' notes
-        follow `notes` (and precede `after`), their skipped rows are gathered, and every row read is accounted for."""
-        read = [source for source in sources if source is not None]
+    def from_splits(cls, tokenizer, template, notes, train: Split, held_out: Split, *, after=(), extra=None):
+        """Every task's data step ends here, with its two splits. The sources' notes follow `notes` (and precede
+        `after`), their skipped rows are gathered, and every row read is accounted for."""
+        read = [source for source in (train.source, held_out.source) if source is not None]
         return cls(
             tokenizer,
             template,
-            *splits,
+            train.tokenized,
+            held_out.tokenized,
             [*notes, *(note for source in read for note in source.notes), *after],
             [record for source in read for record in source.skipped],
-            data_rows.accounting(*sources, *rows),
-            eval_rows=rows[1],
+            data_rows.accounting(train.source, held_out.source, train.rows, held_out.rows),
+            eval_rows=held_out.rows,
             extra=extra or {},
         )
 

@@ -18,7 +18,7 @@ from qlora_pipeline.data import tokenize as tokens
 from qlora_pipeline.data.templates import PromptTemplate, get_template
 from qlora_pipeline.errors import DataError
 from qlora_pipeline.model import loading
-from qlora_pipeline.tasks.base import PreparedData, Task
+from qlora_pipeline.tasks.base import PreparedData, Split, Task
 from qlora_pipeline.tasks.fidelity import LogitProbe
 from qlora_pipeline.tasks.metrics import generation_metric_names, medtuned
 
@@ -72,15 +72,9 @@ class CausalLMTask(Task):
             where = ", ".join(files) or recipe.data.dataset_name
             notes += check_rows(eval_set, recipe.data.instruction_column, recipe.data.output_column, where)
         tokens.check_rows_left((train, evaluation), recipe.data.dataset_name, max_length, "example")
-        return PreparedData.from_sources(
-            tokenizer,
-            template,
-            (train, evaluation),
-            (train_rows, eval_rows),
-            (train_set, eval_set),
-            notes,
-            extra={"medtuned_rows": found} if scores_medtuned else {},
-        )
+        train_split, held_out = Split(train_rows, train_set, train), Split(eval_rows, eval_set, evaluation)
+        extra = {"medtuned_rows": found} if scores_medtuned else {}
+        return PreparedData.from_splits(tokenizer, template, notes, train_split, held_out, extra=extra)
 
     def fit_tokenizer(self, tokenizer, recipe) -> list[str]:
         return fit_end_and_pad_tokens(tokenizer, get_template(recipe.data.template))

@@ -34,7 +34,7 @@ from qlora_pipeline.data import tokenize as tokens
 from qlora_pipeline.errors import DataError, PipelineError, RecipeError
 from qlora_pipeline.model import loading
 from qlora_pipeline.recipe.task_settings import label_text
-from qlora_pipeline.tasks.base import PreparedData, Task, trainer_arguments
+from qlora_pipeline.tasks.base import PreparedData, Split, Task, trainer_arguments
 
 # Bump when `tokenize_split` changes what it writes, so cached results from older code are not reused.
 TOKENIZE_VERSION = "1"
@@ -391,20 +391,11 @@ class ClassificationTask(Task):
             train = tokenize_split(train_set, tokenizer, recipe, label2id, "train")
             evaluation = tokenize_split(eval_set, tokenizer, recipe, label2id, "eval") if eval_set else None
         tokens.check_rows_left((train, evaluation), recipe.data.dataset_name, recipe.training.max_length, "text")
-        return PreparedData.from_sources(
-            tokenizer,
-            None,
-            (train, evaluation),
-            (train_source, eval_source),
-            (train_set, eval_set),
-            notes,
-            after=[
-                *split_notes,
-                *label_notes,
-                f"classes: {', '.join(f'{i} {name}' for i, name in enumerate(class_names))}",
-            ],
-            extra={"class_names": class_names, "label2id": label2id},
-        )
+        classes = f"classes: {', '.join(f'{i} {name}' for i, name in enumerate(class_names))}"
+        extra = {"class_names": class_names, "label2id": label2id}
+        train_split, held_out = Split(train_source, train_set, train), Split(eval_source, eval_set, evaluation)
+        after = [*split_notes, *label_notes, classes]
+        return PreparedData.from_splits(tokenizer, None, notes, train_split, held_out, after=after, extra=extra)
 
     def fit_tokenizer(self, tokenizer, recipe) -> list[str]:
         """A pad token that never occurs inside a text (see the module docstring)."""

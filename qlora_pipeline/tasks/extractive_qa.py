@@ -33,7 +33,7 @@ from qlora_pipeline.data import rows as data_mod
 from qlora_pipeline.data import samples
 from qlora_pipeline.data import tokenize as tokens
 from qlora_pipeline.errors import DataError, PipelineError
-from qlora_pipeline.tasks.base import PreparedData, Task, trainer_arguments
+from qlora_pipeline.tasks.base import PreparedData, Split, Task, trainer_arguments
 from qlora_pipeline.tasks.metrics import squad
 
 # Bump when the window features change, so cached tokenizations from older code are not reused.
@@ -64,16 +64,10 @@ class ExtractiveQATask(Task):
             train = tokenize_split(train_set, tokenizer, recipe, "train")
             evaluation = tokenize_split(eval_set, tokenizer, recipe, "eval") if eval_set is not None else None
         unanswerable = any(_has_unanswerable(s) for s in (train_set, eval_set) if s is not None)
-        return PreparedData.from_sources(
-            tokenizer,
-            None,
-            (train, evaluation),
-            (train_source, eval_source),
-            (train_set, eval_set),
-            notes,
-            after=[windows_note(split, name) for split, name in ((train, "train"), (evaluation, "eval")) if split],
-            extra={"unanswerable": unanswerable},
-        )
+        windows = [windows_note(split, name) for split, name in ((train, "train"), (evaluation, "eval")) if split]
+        train_split, held_out = Split(train_source, train_set, train), Split(eval_source, eval_set, evaluation)
+        extra = {"unanswerable": unanswerable}
+        return PreparedData.from_splits(tokenizer, None, notes, train_split, held_out, after=windows, extra=extra)
 
     # ------------------------------------------------------------ model and trainer
 

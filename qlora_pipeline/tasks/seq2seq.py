@@ -20,7 +20,7 @@ import json
 from qlora_pipeline.data import rows as data_mod
 from qlora_pipeline.data import tokenize as tokens
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.tasks.base import PreparedData, Task, trainer_arguments
+from qlora_pipeline.tasks.base import PreparedData, Split, Task, trainer_arguments
 
 # Bump when `tokenize_split` changes what it writes, so cached results from older code are not reused.
 TOKENIZE_VERSION = "1"
@@ -172,16 +172,9 @@ class Seq2SeqTask(Task):
         tokens.check_rows_left((train, evaluation), recipe.data.dataset_name, recipe.training.max_length, "input")
         # The gold answers of the eval split's examples, in its order: the trainer's metric during evaluation.
         eval_answers = [eval_set[i][recipe.task.answer_column] for i in eval_kept] if eval_set is not None else []
-        return PreparedData.from_sources(
-            tokenizer,
-            None,
-            (train, evaluation),
-            (train_rows, eval_rows),
-            (train_set, eval_set),
-            notes,
-            after=train_notes + eval_notes,
-            extra={"eval_answers": eval_answers},
-        )
+        train_split, held_out = Split(train_rows, train_set, train), Split(eval_rows, eval_set, evaluation)
+        after, extra = train_notes + eval_notes, {"eval_answers": eval_answers}
+        return PreparedData.from_splits(tokenizer, None, notes, train_split, held_out, after=after, extra=extra)
 
     def fit_tokenizer(self, tokenizer, recipe) -> list[str]:
         """The tokenizer as it ships (T5's has <pad>, </s> and its sentinels); answers must be able to end."""
