@@ -34,7 +34,7 @@ def precision_for(recipe, device: str) -> Precision:
         mixed = "bfloat16" if bf16 else "float16" if fp16 else None
         weights = recipe.written("dtype")
         compute = recipe.written("bnb_4bit_compute_dtype") or mixed or "float32"
-    else:  # what config.adapt_to_hardware does without CUDA: no mixed precision, 16-bit weights load in float32
+    else:  # what recipe.checks.adapt_to_hardware does without CUDA: no mixed precision, 16-bit weights load in float32
         mixed = None
         weights = recipe.model.dtype
         weights = "float32" if weights in ("float16", "bfloat16") else weights

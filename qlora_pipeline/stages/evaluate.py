@@ -1,6 +1,6 @@
 """Evaluate: a task's metric on the held-out rows, for an untrained and a trained model, as one table.
 
-`train.run` measures the model before and after training; `qlora-pipeline evaluate RUN_OR_RECIPE [--model X]`
+`stages.train.run` measures the model before and after training; `qlora-pipeline evaluate RUN_OR_RECIPE [--model X]`
 measures again from what is saved:
   - a run folder (recipe.yaml + adapter/): the untrained base ("before") and the base + the run's adapter ("after");
   - a recipe file: the untrained base;
