@@ -65,10 +65,8 @@ def length_histogram(lengths: list[int], bins: int = 30) -> dict:
 
 
 def tokenizer_fingerprint(tokenizer, template: PromptTemplate) -> str:
+    """What the causal LM's encoding takes from the tokenizer and template, beyond what `fingerprint` names."""
     parts = [
-        tokenizer.name_or_path,
-        type(tokenizer).__name__,
-        str(len(tokenizer)),
         template.name,
         template.chat_template_for(tokenizer),
         template.end_token_for(tokenizer),
@@ -134,7 +132,7 @@ def tokenize(
     encoded, from_cache = map_rows(dataset, encode, key, f"Tokenizing {name}", quiet=data_args.overlong == "error")
     lengths = encoded["n_tokens"]
     over = over_max_length(
-        encoded, max_length, data_args.overlong, f"{name} examples are over", "{n} tokens", "drop or truncate"
+        encoded, lengths, max_length, data_args.overlong, f"{name} examples are over", "{n} tokens", "drop or truncate"
     )
     if data_args.overlong == "drop":
         keep_rows = [i for i, n in enumerate(lengths) if max_length is None or n <= max_length]
@@ -195,11 +193,12 @@ def map_rows(dataset, encode, key: str, desc: str, quiet: bool = False):
     return encoded, from_cache
 
 
-def over_max_length(encoded, max_length: int | None, policy: str, name: str, what: str, remedy: str) -> list[int]:
-    """The rows over max_length (by their n_tokens before truncation); under overlong: error, the first one ends the
-    run, named with its file and line. `what` says what was counted ("input of {n} tokens"), `remedy` which
-    overlong settings would let the run go on."""
-    lengths = encoded["n_tokens"]
+def over_max_length(
+    encoded, lengths: list[int], max_length: int | None, policy: str, name: str, what: str, remedy: str
+) -> list[int]:
+    """The rows over max_length (by `lengths`, their n_tokens before truncation); under overlong: error, the first
+    one ends the run, named with its file and line. `what` says what was counted ("input of {n} tokens"), `remedy`
+    which overlong settings would let the run go on."""
     over = [i for i, n in enumerate(lengths) if max_length is not None and n > max_length]
     if over and policy == "error":
         first = over[0]

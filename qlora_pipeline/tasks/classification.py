@@ -216,7 +216,7 @@ def tokenize_split(dataset, tokenizer, recipe, label2id: dict[str, int], name: s
     encoded, from_cache = tokens.map_rows(dataset, encode, key, f"Tokenizing {name}", quiet=policy == "error")
     lengths = encoded["n_tokens"]
     over = tokens.over_max_length(
-        encoded, max_length, policy, f"{name} rows are over", "text of {n} tokens", "truncate"
+        encoded, lengths, max_length, policy, f"{name} rows are over", "text of {n} tokens", "truncate"
     )
     kept = encoded
     if over and policy == "drop":

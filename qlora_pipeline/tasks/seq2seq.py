@@ -104,15 +104,16 @@ def tokenize_split(dataset, tokenizer, recipe, name: str) -> tuple[tokens.Tokeni
         TOKENIZE_VERSION,
     )
     encoded, from_cache = tokens.map_rows(dataset, encode, key, f"Tokenizing {name}", quiet=policy == "error")
+    lengths = encoded["n_tokens"]
     over = tokens.over_max_length(
         encoded,
+        lengths,
         max_length,
         policy,
         f"{name} rows are over",
         "input of {n} tokens (question and context)",
         "drop or truncate",
     )
-    lengths = encoded["n_tokens"]
     dropped = set(over) if policy == "drop" else set()
     keep = [i for i in range(len(encoded)) if i not in dropped]
     answer_cut = encoded["answer_cut"]
