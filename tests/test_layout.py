@@ -16,8 +16,12 @@ from conftest import REPO
 
 PACKAGE = REPO / "qlora_pipeline"
 # Lowest first; a module may import its own layer and those before it. The top-level helpers (errors, cache,
-# secrets) are the floor every layer stands on.
-LAYERS = ["errors", "cache", "secrets", "recipe", "data", "model", "training", "tasks", "outputs", "stages", "plan"]
+# secrets, sizes) are the floor every layer stands on. The planner reads recipe, data, model and tasks, and the
+# train stage asks it for the `auto` settings.
+LAYERS = [
+    *("errors", "cache", "secrets", "sizes"),
+    *("recipe", "data", "model", "training", "tasks", "plan", "outputs", "stages"),
+]
 TOP = ("cli", "__main__")
 REGISTRY_STRING = re.compile(r"^(qlora_pipeline(?:\.\w+)+):\w+$")
 

@@ -319,12 +319,17 @@ def test_ddp_runs_two_processes_and_its_4bit_adapter_merges(tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", output_dir=str(tmp_path / "run"))
     # A fresh cache: both ranks reach the embedded model's first build at once, as on a new machine.
     fresh = {"QLORA_PIPELINE_CACHE": str(tmp_path / "cache")}
+    # Checkpointing left to the planner: the main process chooses, both ranks read its choice from the run folder.
+    auto = ["--gradient_checkpointing", "auto"]
     result = launch(
-        "cpu/ddp.yaml", "train", str(recipe), "--max_steps", "3", "--save_strategy", "no", *QUICK, env=fresh
+        "cpu/ddp.yaml", "train", str(recipe), "--max_steps", "3", "--save_strategy", "no", *QUICK, *auto, env=fresh
     )
     assert result.returncode == 0, result.stderr[-4000:]
     summary = assert_two_ranks(tmp_path / "run", "MULTI_CPU")
     assert summary["global_step"] == 3
+    assert summary["auto_settings"]["auto"] == ["gradient_checkpointing"]
+    assert "/ 2 processes less 10%" in summary["auto_settings"]["budget_source"]
+    assert result.stdout.count("auto (gradient_checkpointing):") == 1
     assert result.stdout.count("== qlora-pipeline train: done ==") == 1, "only the main process prints the summary"
     assert "batch: 1 per device x 2 processes x 1 accumulation = 2 packed rows per optimizer step" in result.stdout
     assert_merges_and_reloads(tmp_path / "run", env=fresh)

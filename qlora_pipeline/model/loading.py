@@ -189,11 +189,16 @@ def lora_config(model_args):
 
 
 def add_lora(model, model_args):
-    """Wrap the base model in a LoRA adapter; only the adapter (and modules_to_save) will train."""
+    """Wrap the base model in a LoRA adapter; only the adapter (and modules_to_save) will train. On a CPU its dropout
+    draws a quarter of nn.Dropout's random numbers (model/lora_dropout.py)."""
     from peft import get_peft_model
+
+    from qlora_pipeline.model.lora_dropout import use_word_dropout
 
     try:
         with quiet_peft_deprecations():
-            return get_peft_model(model, lora_config(model_args))
+            model = get_peft_model(model, lora_config(model_args))
     except ValueError as exc:  # e.g. target_modules naming layers the model does not have
         raise PipelineError(f"LoRA: {first_line(exc)}") from None
+    use_word_dropout(model)
+    return model

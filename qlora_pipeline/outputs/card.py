@@ -361,6 +361,14 @@ def _table(rows: list[tuple[str, Any]], header: tuple[str, str] = ("key", "value
     return "\n".join(lines)
 
 
+def _planner_chosen(summary: dict | None) -> set[str]:
+    """The training keys the planner set for the recipe's `auto` ones (the accumulation follows the batch)."""
+    auto = set(((summary or {}).get("auto_settings") or {}).get("auto") or ())
+    if "per_device_train_batch_size" in auto:
+        auto.add("gradient_accumulation_steps")
+    return auto
+
+
 def _training_rows(values: dict, summary: dict | None) -> list[tuple[str, Any]]:
     four_bit_keys = ("bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_compute_dtype")
     rows = []
@@ -376,6 +384,8 @@ def _training_rows(values: dict, summary: dict | None) -> list[tuple[str, Any]]:
         )
         if key == "bnb_4bit_compute_dtype" and value is None:
             value = "follows fp16/bf16 (float32 without)"
+        if key in _planner_chosen(summary):
+            value = f"{_cell(value)} (auto: chosen by the memory planner)"
         if not skip:
             rows.append((key, value))
     if summary and summary.get("processes"):

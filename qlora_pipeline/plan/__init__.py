@@ -30,8 +30,9 @@ printed table).
 from qlora_pipeline.plan.model_facts import model_facts, shipped_config_path
 from qlora_pipeline.plan.precision import precision_for, this_machine
 from qlora_pipeline.plan.predict import CPU_STEP_OVERHEAD, CUDA_CONTEXT, largest_batch_size, plan_from_facts, predict
-from qlora_pipeline.plan.result import GIB, MIB, MemoryPlan
+from qlora_pipeline.plan.result import MemoryPlan
 from qlora_pipeline.plan.show import format_plan, parse_size
+from qlora_pipeline.sizes import GIB, MIB
 
 __all__ = [
     "CPU_STEP_OVERHEAD",

@@ -8,8 +8,9 @@ from qlora_pipeline.plan.label_share import label_share
 from qlora_pipeline.plan.logits import PIPELINE_LOSS, LossKernel, loss_bytes, scored_positions
 from qlora_pipeline.plan.model_facts import ModelFacts, model_facts
 from qlora_pipeline.plan.precision import Precision, precision_for, this_machine
-from qlora_pipeline.plan.result import MIB, MemoryPlan
+from qlora_pipeline.plan.result import MemoryPlan
 from qlora_pipeline.plan.weights import DTYPE_BYTES, optimizer_name, optimizer_state_bytes, quantized_linear_bytes
+from qlora_pipeline.sizes import MIB
 
 # What the runtime adds beyond tensors. On CPU: the growth of a batch of 1 x 128 tokens less the tensors counted for it
 # (docs/performance.md): code pages faulted in by the first backward, autograd and allocator bookkeeping.
@@ -30,6 +31,7 @@ def predict(
     labelled_fraction: float | None = None,
     precision: Precision | None = None,
     loss_kernel: LossKernel | None = None,
+    gradient_checkpointing: bool | None = None,
 ) -> MemoryPlan:
     """Predict the peak memory of training `recipe` on one device, from its model's config alone (meta device).
 
@@ -39,7 +41,8 @@ def predict(
     (default: the recipe's). labelled_fraction: the share of a batch's positions the loss computes logits for (with
     the pipeline's loss: the columns where some row of the batch has a label); default: estimated from the recipe's
     data where it is local (`estimate_label_share`), else 1.0, an upper bound. loss_kernel: PIPELINE_LOSS (default)
-    or one of TRL's (TRL_CHUNKED_TORCH, TRL_CHUNKED_TRITON).
+    or one of TRL's (TRL_CHUNKED_TORCH, TRL_CHUNKED_TRITON). gradient_checkpointing: on or off (default: the
+    recipe's).
 
     The returned plan's `training_growth` is meant to be compared with the measured growth of memory over training:
     on CPU the peak resident set during `trainer.train()` minus the resident set right before it; on CUDA
@@ -53,6 +56,7 @@ def predict(
         max_length=max_length,
         labelled_fraction=labelled_fraction,
         loss_kernel=loss_kernel,
+        gradient_checkpointing=gradient_checkpointing,
     )
 
 
@@ -64,6 +68,7 @@ def plan_from_facts(
     max_length: int | None = None,
     labelled_fraction: float | None = None,
     loss_kernel: LossKernel | None = None,
+    gradient_checkpointing: bool | None = None,
 ) -> MemoryPlan:
     """The plan for one batch shape, from model facts counted once (see `predict`)."""
     training = recipe.training
@@ -77,7 +82,7 @@ def plan_from_facts(
     batch = Batch(rows, length, flattened=bool(training.padding_free))
     kernel = loss_kernel or PIPELINE_LOSS
     fraction, fraction_source = label_share(recipe, kernel, batch, labelled_fraction, facts.labelled_rows)
-    checkpointing = bool(training.gradient_checkpointing)
+    checkpointing = bool(training.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing)
 
     weights_bytes = DTYPE_BYTES[precision.weights_dtype]
     trainable_bytes = DTYPE_BYTES[facts.trainable_dtype]

@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-KIB, MIB, GIB = 2**10, 2**20, 2**30
-
 
 @dataclass
 class MemoryPlan:

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import re
-
+from qlora_pipeline import sizes
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.plan.result import GIB, KIB, MIB, MemoryPlan
-
-SIZE_UNITS = {"kib": KIB, "mib": MIB, "gib": GIB, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+from qlora_pipeline.plan.result import MemoryPlan
+from qlora_pipeline.sizes import GIB, MIB
 
 
 def parse_size(text: str) -> int:
-    """'24GiB', '24GB', '16000MiB', '1.5 TiB' → bytes. GiB/MiB are powers of 2, GB/MB powers of 10."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)\s*", text, flags=re.IGNORECASE)
-    if not match:
-        raise PipelineError(f"--gpu-memory: {text!r} is not a size; write it as e.g. 24GiB, 24GB or 16000MiB")
-    value = float(match.group(1)) * SIZE_UNITS[match.group(2).lower()]
-    if value <= 0:
-        raise PipelineError(f"--gpu-memory: {text!r} must be more than 0")
-    return int(value)
+    """--gpu-memory's value in bytes (qlora_pipeline/sizes.py); a bad one is a one-line error."""
+    try:
+        return sizes.parse_size(text, "--gpu-memory")
+    except ValueError as exc:
+        raise PipelineError(str(exc)) from None
 
 
 def human(size: float) -> str:

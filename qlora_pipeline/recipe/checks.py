@@ -11,6 +11,7 @@ from typing import Any
 
 from qlora_pipeline.errors import RecipeError
 from qlora_pipeline.recipe.task_settings import SETTINGS as TASK_SETTINGS
+from qlora_pipeline.sizes import parse_size
 
 # Attention backends on which packed examples stay isolated: transformers builds a block-diagonal causal mask
 # from restarting position_ids (sdpa, eager, flex) or passes the boundaries to a varlen kernel (flash attention).
@@ -151,6 +152,58 @@ def _check_task(values: dict[str, Any], fail) -> list[str]:
         if values[key] is not None and values[key] < 1:
             fail(key, f"must be a positive integer, got {values[key]}")
     return task.check(values, fail)
+
+
+def settle_batch(
+    values: dict[str, Any], auto: set[str], file_batch: int | None, file_keys: set[str], override_keys: set[str], fail
+) -> None:
+    """Settle effective_batch_size and the batch keys in `values`. `per_device_train_batch_size: auto` keeps
+    effective_batch_size rows per optimizer step (default: the recipe file's batch x gradient_accumulation_steps,
+    where the file gives a number and the command line asks for auto), which the planner splits at the start of
+    training; with a batch number, gradient_accumulation_steps follows from effective_batch_size (both set differently
+    in the same place is refused; the command line beats the file). Also checks memory_budget's form."""
+    if values["memory_budget"] is not None:
+        try:
+            parse_size(values["memory_budget"], "memory_budget")
+        except ValueError as exc:
+            fail("memory_budget", str(exc).split(": ", 1)[1])
+    if auto and values["task"] != "causal_lm":
+        key = sorted(auto)[0]
+        fail(key, f"auto is chosen by the memory planner, which models causal_lm recipes, not task '{values['task']}'")
+    effective = values["effective_batch_size"]
+    if effective is not None and effective < 1:
+        fail("effective_batch_size", f"must be a positive integer, got {effective}")
+    if "per_device_train_batch_size" in auto:
+        if "gradient_accumulation_steps" in override_keys:
+            fail("gradient_accumulation_steps", "follows from effective_batch_size when the batch is auto; drop it")
+        effective = effective or file_batch
+        if effective is None:
+            fail(
+                "per_device_train_batch_size",
+                "auto needs effective_batch_size: the rows per optimizer step on each process, which the planner "
+                "splits into per-device batch x gradient_accumulation_steps",
+            )
+        # Batch 1 x `effective` accumulation until the planner chooses; the planner reads the product.
+        values["effective_batch_size"] = values["gradient_accumulation_steps"] = effective
+        return
+    if effective is None:
+        return
+    batch = values["per_device_train_batch_size"]
+    if "gradient_accumulation_steps" in override_keys and "effective_batch_size" not in override_keys:
+        # The command line's accumulation beats the file's effective batch.
+        values["effective_batch_size"] = batch * values["gradient_accumulation_steps"]
+        return
+    steps, remainder = divmod(effective, batch)
+    if remainder:
+        fail("effective_batch_size", f"{effective} is not a multiple of per_device_train_batch_size {batch}")
+    same_place = override_keys if "effective_batch_size" in override_keys else file_keys
+    if "gradient_accumulation_steps" in same_place and values["gradient_accumulation_steps"] != steps:
+        fail(
+            "gradient_accumulation_steps",
+            f"{values['gradient_accumulation_steps']} x per_device_train_batch_size {batch} is not "
+            f"effective_batch_size {effective}; set one of them",
+        )
+    values["gradient_accumulation_steps"] = steps
 
 
 def _looks_like_a_path(name: str) -> bool:

@@ -20,9 +20,9 @@ import yaml
 
 import qlora_pipeline.recipe.keys as key_cache
 from qlora_pipeline.errors import RecipeError
-from qlora_pipeline.recipe.checks import adapt_to_hardware, check_combinations, cuda_available, failer
+from qlora_pipeline.recipe.checks import adapt_to_hardware, check_combinations, cuda_available, failer, settle_batch
 from qlora_pipeline.recipe.launcher import adapt as adapt_to_launcher
-from qlora_pipeline.recipe.schema import SECRET_FIELDS, Recipe, parser_classes
+from qlora_pipeline.recipe.schema import AUTO_KEYS, SECRET_FIELDS, Recipe, parser_classes
 
 
 def _make_parser(classes, source: str, override_keys: set[str]):
@@ -103,6 +103,9 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         option = key_cache.first_unknown_option(overrides or [], cached.options)
         if option:
             raise _unknown_option(option)
+    overrides = list(overrides or [])
+    file_batch = _file_batch(values)
+    auto = _take_auto(values, overrides, override_keys)
     classes = parser_classes()
     types = _field_types(classes)
     parser = _make_parser(classes, source, override_keys)
@@ -125,6 +128,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     origin = {key: ("command line" if key in override_keys else source) for key in merged}
 
     notes = check_combinations(merged, origin)
+    settle_batch(merged, auto, file_batch, set(values), override_keys, fail=failer(origin))
     given = dict(merged)
     notes += adapt_to_hardware(merged)
     before_launcher = dict(merged)
@@ -141,7 +145,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
             objects.append(cls(**kwargs))
         except (ValueError, TypeError) as exc:
             raise RecipeError(f"{source}: {exc}") from None
-    model_args, data_args, task_args, training_args, export_args, tracking_args = objects
+    model_args, data_args, task_args, training_args, export_args, tracking_args, resource_args = objects
     return Recipe(
         model=model_args,
         data=data_args,
@@ -149,12 +153,53 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         training=training_args,
         export=export_args,
         tracking=tracking_args,
+        resources=resource_args,
+        auto=tuple(sorted(auto)),
         source=source,
         notes=notes,
         publish=publish,
         launcher_changes=launcher_changes,
         as_written=as_written,
     )
+
+
+def _file_batch(values: dict[str, Any]) -> int | None:
+    """The recipe file's rows per optimizer step (batch x accumulation), where it gives a batch number."""
+    batch = values.get("per_device_train_batch_size")
+    steps = values.get("gradient_accumulation_steps", 1)
+    if isinstance(batch, int) and not isinstance(batch, bool) and isinstance(steps, int) and batch > 0 and steps > 0:
+        return batch * steps
+    return None
+
+
+def _take_auto(values: dict[str, Any], overrides: list[str], override_keys: set[str]) -> set[str]:
+    """The AUTO_KEYS given as `auto` (in the file, unless the command line sets the key, or on the command line:
+    `--key auto`, `--key=auto`, dashes or underscores), each replaced in place by its placeholder so the parser sees a
+    value of its type. Returns them by the name Recipe.auto uses (gradient_checkpointing for either checkpointing
+    name)."""
+
+    def canonical(key: str) -> str:
+        return "gradient_checkpointing" if key == "activation_checkpointing" else key
+
+    overridden = {canonical(key) for key in override_keys}
+    found = set()
+    for key, placeholder in AUTO_KEYS.items():
+        if isinstance(values.get(key), str) and values[key].strip().lower() == "auto":
+            values[key] = placeholder
+            if canonical(key) not in overridden:
+                found.add(canonical(key))
+    for index, token in enumerate(overrides):
+        name, equals, value = token.partition("=")
+        key = name[2:].replace("-", "_") if name.startswith("--") else None
+        if key not in AUTO_KEYS:
+            continue
+        if equals and value.strip().lower() == "auto":
+            overrides[index] = f"{name}={AUTO_KEYS[key]}"
+            found.add(canonical(key))
+        elif not equals and index + 1 < len(overrides) and overrides[index + 1].strip().lower() == "auto":
+            overrides[index + 1] = str(AUTO_KEYS[key])
+            found.add(canonical(key))
+    return found
 
 
 def _check_keys(source: str, values: dict[str, Any], override_keys: set[str], known) -> None:

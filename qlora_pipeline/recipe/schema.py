@@ -1,4 +1,4 @@
-"""The recipe's schema: six dataclasses whose fields are the recipe's keys, and `Recipe`, the parsed whole.
+"""The recipe's schema: seven dataclasses whose fields are the recipe's keys, and `Recipe`, the parsed whole.
 
 - `ModelArguments`: TRL's `ModelConfig` (model id, dtype, 4/8-bit, LoRA) plus the few fields it lacks;
 - `DataArguments`: where the rows come from, their columns, the prompt template, the split;
@@ -6,7 +6,11 @@
   settings;
 - TRL's `SFTConfig`: everything the trainer takes;
 - `ExportArguments`: how the adapter is merged and checked for export (`qlora-pipeline merge`);
-- `TrackingArguments`: the Weights & Biases run (project, entity, group, tags, notes, artifacts).
+- `TrackingArguments`: the Weights & Biases run (project, entity, group, tags, notes, artifacts);
+- `ResourceArguments`: the memory the run may use, and the batch `per_device_train_batch_size: auto` keeps.
+
+Two of SFTConfig's keys also take `auto` (`AUTO_KEYS`): the planner chooses them at the start of training
+(qlora_pipeline/plan/choose.py).
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ import yaml
 
 # Fields that hold credentials: they must come from the environment, never from a recipe or a saved config.
 SECRET_FIELDS = ("hub_token",)
+
+
+# SFTConfig keys a recipe may set to `auto`, and the value each holds until the planner chooses (`Recipe.auto`).
+# activation_checkpointing is transformers 5's name for gradient_checkpointing.
+AUTO_KEYS = {"gradient_checkpointing": True, "activation_checkpointing": True, "per_device_train_batch_size": 1}
 
 
 # Fields the pipeline always sets itself (see adapt_to_hardware); a saved recipe leaves them out.
@@ -237,6 +246,28 @@ class TrackingArguments:
     )
 
 
+@dataclass
+class ResourceArguments:
+    """The memory a run may use, against which `auto` settings are chosen, and the batch they keep."""
+
+    memory_budget: str | None = field(
+        default=None,
+        metadata={
+            "help": "Memory one training process may use, e.g. 20GiB or 16000MiB: `auto` settings choose the fastest "
+            "combination the memory plan fits in it. Default: the device's free memory (a CPU's shared by the "
+            "processes on it) less 10%."
+        },
+    )
+    effective_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Rows per optimizer step on each process: per_device_train_batch_size x "
+            "gradient_accumulation_steps. Needed by per_device_train_batch_size: auto (the planner splits it); with a "
+            "number there, gradient_accumulation_steps follows from it."
+        },
+    )
+
+
 def model_arguments_class():
     """TRL's ModelConfig with the LoRA and bitsandbytes fields it does not have."""
     from trl import ModelConfig
@@ -268,7 +299,7 @@ def model_arguments_class():
 
 @dataclass
 class Recipe:
-    """A parsed, validated recipe: the six config objects and where they came from."""
+    """A parsed, validated recipe: the seven config objects and where they came from."""
 
     model: Any  # ModelArguments
     data: DataArguments
@@ -277,6 +308,10 @@ class Recipe:
     tracking: TrackingArguments
     source: str
     task: TaskArguments = field(default_factory=TaskArguments)
+    resources: ResourceArguments = field(default_factory=ResourceArguments)
+    # The AUTO_KEYS the recipe set to `auto` (gradient_checkpointing for either name): their values in `training` are
+    # placeholders until plan.choose settles them at the start of training.
+    auto: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
     # push_to_hub: true means train → merge → publish, done by the pipeline once at the end. The trainer's own
     # push_to_hub is kept off: it would create the repo before training and push every checkpoint.
@@ -292,7 +327,7 @@ class Recipe:
         """A recipe value as given, before load_recipe adapted it to this machine and launcher."""
         if key in self.as_written:
             return self.as_written[key]
-        for part in (self.model, self.data, self.task, self.training, self.export, self.tracking):
+        for part in (self.model, self.data, self.task, self.training, self.export, self.tracking, self.resources):
             if hasattr(part, key):
                 return getattr(part, key)
         raise KeyError(key)
@@ -313,6 +348,7 @@ class Recipe:
         values.update({k: _plain(v) for k, v in training.items() if k in known})
         values.update(_plain(dataclasses.asdict(self.export)))
         values.update(_plain(dataclasses.asdict(self.tracking)))
+        values.update(_plain(dataclasses.asdict(self.resources)))
         values["push_to_hub"] = self.publish
         values.update(self.launcher_changes)
         for key in SECRET_FIELDS + MANAGED_FIELDS:
@@ -324,7 +360,14 @@ class Recipe:
             handle.write(
                 f"# Resolved recipe, from {Path(self.source).name}. Reload with: qlora-pipeline train {path}\n"
             )
-            yaml.safe_dump(self.to_dict(), handle, sort_keys=False, allow_unicode=True)
+            values = self.to_dict()
+            for key in self.auto:  # `auto` stays `auto`: the recipe chooses again wherever it is reloaded
+                values[key] = "auto"
+                if key == "gradient_checkpointing" and "activation_checkpointing" in values:
+                    values["activation_checkpointing"] = "auto"
+                if key == "per_device_train_batch_size":  # it follows from effective_batch_size again
+                    values.pop("gradient_accumulation_steps", None)
+            yaml.safe_dump(values, handle, sort_keys=False, allow_unicode=True)
 
 
 def _plain(value):
@@ -341,4 +384,12 @@ def _plain(value):
 def parser_classes():
     from trl import SFTConfig
 
-    return model_arguments_class(), DataArguments, TaskArguments, SFTConfig, ExportArguments, TrackingArguments
+    return (
+        model_arguments_class(),
+        DataArguments,
+        TaskArguments,
+        SFTConfig,
+        ExportArguments,
+        TrackingArguments,
+        ResourceArguments,
+    )

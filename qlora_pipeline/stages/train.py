@@ -6,6 +6,7 @@ A run folder holds:
   recipe.yaml         the fully resolved recipe (no credentials), reloadable as a recipe
   metrics.jsonl       every log line of the trainer, one JSON object per line
   summary.json        the end-of-run summary that is also printed
+  auto_settings.json  what the planner chose for the recipe's `auto` settings (read again on --resume)
   evaluation.json/.md the task metric on the held-out rows, before and after training (tasks with a metric)
   generations/        every answer of a generation metric, before and after training
   merged/             the merged export, once `qlora-pipeline merge` (or push_to_hub: true) has run
@@ -26,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.data import rows as data_rows
-from qlora_pipeline.errors import Interrupted
+from qlora_pipeline.errors import Interrupted, PipelineError
 from qlora_pipeline.model import loading
 from qlora_pipeline.outputs import tracking
 from qlora_pipeline.outputs.evaluation_table import print_table, write_table
+from qlora_pipeline.plan import choose
 from qlora_pipeline.recipe import Recipe
 from qlora_pipeline.tasks import PreparedData, Task, get_task, prepare_data
 from qlora_pipeline.tasks.measure import keep_generations, measure
@@ -65,30 +67,35 @@ def run(
     prepared = prepare_data(recipe)
     notes = record_data(recipe, prepared, run_dir, state.is_main_process)
 
-    # 3. Model (quantized base + LoRA) and the task's trainer.
+    # 3. Settings the recipe leaves to the planner (`auto`), chosen against the memory budget before the model loads.
+    auto = settle_auto(recipe, run_dir, resumed=checkpoint is not None, state=state)
+    if auto is not None and state.is_main_process:
+        print(auto.describe())
+
+    # 4. Model (quantized base + LoRA) and the task's trainer.
     trainer, model_notes = build_trainer(recipe, prepared, [MetricsFile(run_dir / "metrics.jsonl"), *(callbacks or [])])
     notes += say_notes(model_notes, state.is_main_process)
     if state.is_main_process:
         print(describe_batch(recipe.training, state.num_processes))
 
-    # 4. Tracking: the W&B run (offline without a key), started before the first evaluation logs into it.
+    # 5. Tracking: the W&B run (offline without a key), started before the first evaluation logs into it.
     data_summary = {"train": prepared.train.stats(), "eval": prepared.eval.stats() if prepared.eval else None}
     data_summary.update(prepared.accounting or {})
     tracker, tracking_notes = start_tracking(recipe, trainer, run_dir, data_summary, resume=checkpoint is not None)
     notes += tracking_notes
     non_padding = non_padding_fraction(trainer)
 
-    # 5. Evaluate (eval loss, the task's metric), train, evaluate again; a generation metric's answers are kept.
+    # 6. Evaluate (eval loss, the task's metric), train, evaluate again; a generation metric's answers are kept.
     scores = Scores(task, recipe, prepared, trainer, answers_dir=run_dir if state.is_main_process else None)
     if checkpoint is None:
         scores.before()
     trained = train_until_done(recipe, trainer, checkpoint, state, tracker, overrides)
     scores.after()
 
-    # 6. Save the adapter and tokenizer.
+    # 7. Save the adapter and tokenizer.
     adapter_dir = save_adapter(trainer, run_dir, state.is_main_process)
 
-    # 7. Summary, evaluation table, model card and report.
+    # 8. Summary, evaluation table, model card and report.
     summary = {
         "run_dir": str(run_dir),
         "adapter": str(adapter_dir),
@@ -96,6 +103,7 @@ def run(
         "launcher": launcher_summary(trainer),
         **trained,
         "non_padding_fraction": non_padding,
+        "auto_settings": auto.to_dict() if auto is not None else None,
         **scores.summary(),
         "wall_time_s": round(time.time() - started, 2),
         "peak_memory_mib": round(peak_memory_mib(), 1),
@@ -118,6 +126,35 @@ def open_run_dir(run_dir: Path, resume: bool, overwrite: bool, state) -> str | N
     state.wait_for_everyone()
     run_dir.mkdir(parents=True, exist_ok=True)
     return checkpoint
+
+
+AUTO_FILE = "auto_settings.json"
+
+
+def settle_auto(recipe: Recipe, run_dir: Path, resumed: bool, state):
+    """Choose the recipe's `auto` settings (plan/choose.py) and set them in its training arguments; None if it has
+    none. The main process chooses and writes the choice (or why nothing fits) to the run folder, every process reads
+    it from there, so all ranks train alike or stop alike; a resumed run takes the choice it started with (a new one
+    could change the batch mid-run)."""
+    if not recipe.auto:
+        return None
+    path = run_dir / AUTO_FILE
+    if state.is_main_process and not (resumed and path.is_file()):
+        try:
+            settled = choose.choose(recipe).to_dict()
+        except PipelineError as exc:
+            settled = {"error": str(exc)}
+        path.write_text(json.dumps(settled, indent=2) + "\n", encoding="utf-8")
+    state.wait_for_everyone()
+    settled = json.loads(path.read_text(encoding="utf-8"))
+    if "error" in settled:
+        state.wait_for_everyone()  # every rank has read it
+        if state.is_main_process:
+            path.unlink()
+        raise PipelineError(settled["error"])
+    choice = choose.Choice(**settled)
+    choose.apply(recipe, choice)
+    return choice
 
 
 def say_notes(notes: list[str], main_process: bool) -> list[str]:
