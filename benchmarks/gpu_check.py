@@ -88,38 +88,25 @@ def build_model(folder: Path, tiny: bool, device: str) -> dict:
 # ---------------------------------------------------------------- one configuration, in its own process
 
 
-def pipeline_overrides(model_dir: str, data: str, rows: int, steps: int, output_dir: str, config: str) -> list[str]:
-    """The Starling recipe on the built model and local rows, 4 rows per optimizer step."""
-    extra = []
-    if config in ("pipeline", "pipeline-liger"):
-        extra += ["--gradient_checkpointing", "true"]
-    if config == "pipeline-liger":
-        extra += ["--use_liger_kernel", "true"]
-    return [
-        "--model_name_or_path", model_dir,
-        "--dataset_name", data,
-        "--max_train_samples", str(rows),
-        "--eval_split_size", "0",
-        "--generation_metric", "none",
-        "--output_dir", output_dir,
-        "--max_steps", str(steps),
-        "--effective_batch_size", "4",
-        "--eval_strategy", "no",
-        "--save_strategy", "no",
-        "--logging_steps", "1",
-        "--report_to", "none",
-        "--disable_tqdm", "true",
-        *extra,
-    ]  # fmt: skip
-
-
 def run_pipeline(model_dir: str, data: str, rows: int, steps: int, scratch: str, config: str) -> dict:
     from qlora_pipeline import plan
     from qlora_pipeline.plan import choose
     from qlora_pipeline.recipe import load_recipe
     from qlora_pipeline.stages import train
 
-    overrides = pipeline_overrides(model_dir, data, rows, steps, str(Path(scratch) / "run"), config)
+    # The Starling recipe on the built model and local rows, 4 rows per optimizer step; checkpointing forced on for
+    # the memory goal's run, the recipe's own `auto` in pipeline-auto.
+    liger = ("--use_liger_kernel", "true") if config == "pipeline-liger" else ()
+    _, *overrides = throughput.pipeline_recipe(
+        model_dir,
+        data,
+        rows,
+        steps,
+        str(Path(scratch) / "run"),
+        checkpointing=config != "pipeline-auto",
+        recipe=STARLING_RECIPE,
+        extra=liger,
+    )
     recipe = load_recipe(STARLING_RECIPE, overrides)
     timer = throughput.StepTimer()
     summary = train.run(recipe, overwrite=True, overrides=overrides, callbacks=[timer.callback()])

@@ -48,6 +48,7 @@ from qlora_pipeline.training.measures import current_memory_mib, peak_memory_mib
 REPO = Path(__file__).resolve().parent.parent
 SHARED_GAD = REPO.parent / "shared" / "data" / "medtuned" / "re_gad-train.jsonl"
 BUNDLED = REPO / "qlora_pipeline" / "data" / "samples" / "medtuned_sample.jsonl"
+DEMO_RECIPE = REPO / "recipes" / "tiny-starling-medtuned-qlora.yaml"
 # tiny: the demo model, for the CI-sized run; small and base: the shapes of the issue's measurements.
 SHAPES = {"tiny": "embedded:tiny-starling", "small": "embedded:starling-small", "base": "embedded:starling-base"}
 CONFIGS = ("tutorial", "trl", "pipeline", "pipeline-checkpointing")
@@ -267,15 +268,17 @@ def pipeline_recipe(
     output_dir: str,
     checkpointing: bool = False,
     memory_budget: str | None = None,
+    recipe: Path = DEMO_RECIPE,
+    extra: tuple[str, ...] = (),
 ) -> list[str]:
-    """The demo recipe on this model and data, and the command-line overrides that set the run length: 4 rows per
-    optimizer step, split by the planner (`auto`); gradient checkpointing `auto` too unless forced on; the budget
-    `auto` chooses against (default: this machine's free memory less 10%)."""
+    """The recipe (default: the demo's) on this model and data, and the command-line overrides that set the run
+    length: 4 rows per optimizer step, split by the planner (`auto`); gradient checkpointing `auto` too unless forced
+    on; the budget `auto` chooses against (default: this machine's free memory less 10%); `extra` overrides."""
     forced = ["--gradient_checkpointing", "true"] if checkpointing else []
     if memory_budget:
         forced += ["--memory_budget", memory_budget]
     return [
-        str(REPO / "recipes" / "tiny-starling-medtuned-qlora.yaml"),
+        str(recipe),
         "--model_name_or_path", model,
         "--dataset_name", data,
         "--max_train_samples", str(rows),
@@ -289,6 +292,7 @@ def pipeline_recipe(
         "--logging_steps", "1",
         "--report_to", "none",
         "--disable_tqdm", "true",
+        *extra,
     ]  # fmt: skip
 
 
