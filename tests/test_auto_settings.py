@@ -125,6 +125,8 @@ def test_plan_predicts_the_choice_train_makes(tmp_path, cli_in_process):
         trained.stdout
     )
     assert json.loads((run_dir / "auto_settings.json").read_text()) == chosen
+    card = (run_dir / "adapter" / "README.md").read_text()
+    assert f"| per_device_train_batch_size | {rows} (auto: chosen by the memory planner) |" in card
     saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     assert saved["per_device_train_batch_size"] == saved["gradient_checkpointing"] == "auto"
     assert "gradient_accumulation_steps" not in saved and saved["effective_batch_size"] == 2
