@@ -57,7 +57,7 @@ class Choice:
         if not self.fits:
             return text.replace(": planned", ": nothing fits; the smallest is planned", 1)
         skipped = [tried for tried in self.tried if not tried["fits"]]
-        if skipped:  # the last one tried before the choice: the fastest that did not fit
+        if skipped:  # the one tried just before the choice: the next faster, which did not fit
             text += f"; {_candidate(skipped[-1])} did not fit ({human(skipped[-1]['planned_bytes'])})"
         return text
 
