@@ -486,6 +486,10 @@ def main(argv: list[str] | None = None) -> int:
         "--memory-budget", "--memory_budget", default=None,
         help="the pipeline's memory_budget, e.g. 3GiB (default: this machine's free memory less 10%%)",
     )  # fmt: skip
+    parser.add_argument(
+        "--matmul-seconds", "--matmul_seconds", type=float, default=3.0,
+        help="how long the float32 matmul reference is timed, before and after the runs (default 3)",
+    )  # fmt: skip
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--worker-shape", choices=sorted(SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -499,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     print(f"device: {device}; data: {data} (first {args.rows} rows); {args.steps} steps; max length {MAX_LENGTH}")
-    peak = matmul_gflops()
+    peak = matmul_gflops(args.matmul_seconds)
     print(f"float32 matmul (2048x768 @ 768x2048): {peak:.1f} GFLOP/s", flush=True)
     results = []
     for shape in args.shapes:
@@ -530,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         ):
             if mine in by_config and other in by_config:
                 ratios[f"{shape}: {mine}/{other}"] = ratio(by_config[mine], by_config[other])
-    peak_after = matmul_gflops()
+    peak_after = matmul_gflops(args.matmul_seconds)
     print()
     print(table(results, peak))
     print(f"float32 matmul: {peak:.1f} GFLOP/s before the runs, {peak_after:.1f} after")

@@ -1,5 +1,5 @@
-"""The throughput benchmark in a CI-sized form: every configuration runs and every field of its JSON is there and
-sane. (Its speed figures are read by people from a full run, never asserted here.)"""
+"""The benchmarks in a CI-sized form: they run, and every field of their JSON is there and sane. (Their speed figures
+are read by people from a full run, never asserted here.)"""
 
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def test_throughput_benchmark_runs_every_configuration_and_writes_every_field(tmp_path):
+def test_throughput_benchmark_runs_and_writes_every_field(tmp_path):
     out = tmp_path / "throughput.json"
     data = REPO / "qlora_pipeline" / "data" / "samples" / "medtuned_sample.jsonl"
     command = [sys.executable, "benchmarks/throughput.py", "--shapes", "tiny", "--steps", "2", "--rows", "48"]
+    # pipeline-checkpointing is `pipeline` with --gradient_checkpointing true, the setting most tests train with
+    # (conftest.write_recipe): left out to keep the suite's time.
+    command += ["--configs", "tutorial", "trl", "pipeline", "--matmul-seconds", "0.3"]
     result = subprocess.run(
         [*command, "--data", str(data), "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=600
     )
@@ -24,7 +27,7 @@ def test_throughput_benchmark_runs_every_configuration_and_writes_every_field(tm
     report = json.loads(out.read_text())
     assert report["steps"] == 2 and report["rows"] == 48 and report["max_length"] == 512
     assert report["data"] == str(data) and report["device"]
-    assert [r["config"] for r in report["results"]] == ["tutorial", "trl", "pipeline", "pipeline-checkpointing"]
+    assert [r["config"] for r in report["results"]] == ["tutorial", "trl", "pipeline"]
     assert 0 < report["matmul_gflops"]["before"] and 0 < report["matmul_gflops"]["after"]
     for record in report["results"]:
         assert set(record) == {
@@ -43,21 +46,16 @@ def test_throughput_benchmark_runs_every_configuration_and_writes_every_field(tm
         assert record["achieved_gflops"] == pytest.approx(
             record["non_padding_tokens_per_second"] * record["model_gflops_per_token"], rel=0.01, abs=0.2
         )
-    tutorial, trl, pipeline, checkpointed = report["results"]
-    # auto: on this machine's memory, 4 rows at once without checkpointing; forced on, the batch is still chosen.
+    tutorial, trl, pipeline = report["results"]
+    # auto: on this machine's memory, 4 rows at once without checkpointing.
     assert pipeline["auto_settings"] == {
         "gradient_checkpointing": False, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1
     }  # fmt: skip
-    assert checkpointed["auto_settings"]["gradient_checkpointing"] is True
-    for record in (pipeline, checkpointed):
-        assert 0 < record["measured_total_mib"] and 0 < record["planned_total_mib"]
+    assert 0 < pipeline["measured_total_mib"] and 0 < pipeline["planned_total_mib"]
     # The tutorial pads every example to 512 tokens; packed rows waste little.
     assert tutorial["padding_fraction"] > 0.5 and pipeline["padding_fraction"] < 0.2
     assert tutorial["predicted_growth_mib"] is None and pipeline["predicted_growth_mib"] > 0
-    assert set(report["ratios"]) == {
-        "tiny: pipeline/tutorial", "tiny: pipeline/trl", "tiny: pipeline-checkpointing/trl",
-        "tiny: pipeline/pipeline-checkpointing",
-    }  # fmt: skip
+    assert set(report["ratios"]) == {"tiny: pipeline/tutorial", "tiny: pipeline/trl"}
     assert report["ratios"]["tiny: pipeline/trl"] == round(
         pipeline["non_padding_tokens_per_second"] / trl["non_padding_tokens_per_second"], 2
     )
