@@ -29,11 +29,11 @@ def plan(args, overrides: list[str]) -> int:
                 "recipe page in docs/ gives measured memory)"
             )
         device = "cuda" if budget is not None else planner.this_machine()
+        facts = planner.model_facts(recipe, planner.precision_for(recipe, device))
         choice = None
         if recipe.auto:  # what train will choose at its start, on this device and budget
-            choice = choose.choose(recipe, device=device, budget=budget, strict=False)
+            choice = choose.choose(recipe, device=device, budget=budget, strict=False, facts=facts)
             choose.apply(recipe, choice)
-        facts = planner.model_facts(recipe, planner.precision_for(recipe, device))
         shape = {"max_length": max_length, "labelled_fraction": fraction}
         result = planner.plan_from_facts(facts, recipe, batch_size=batch_size, **shape)
         largest = planner.largest_batch_size(facts, recipe, budget, **shape) if budget is not None else None

@@ -371,6 +371,7 @@ def _planner_chosen(summary: dict | None) -> set[str]:
 
 def _training_rows(values: dict, summary: dict | None) -> list[tuple[str, Any]]:
     four_bit_keys = ("bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_compute_dtype")
+    chosen = _planner_chosen(summary)
     rows = []
     for key in TRAINING_KEYS:
         if key not in values:
@@ -384,7 +385,7 @@ def _training_rows(values: dict, summary: dict | None) -> list[tuple[str, Any]]:
         )
         if key == "bnb_4bit_compute_dtype" and value is None:
             value = "follows fp16/bf16 (float32 without)"
-        if key in _planner_chosen(summary):
+        if key in chosen:
             value = f"{_cell(value)} (auto: chosen by the memory planner)"
         if not skip:
             rows.append((key, value))

@@ -20,7 +20,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.plan.model_facts import model_facts
+from qlora_pipeline.plan.model_facts import ModelFacts, model_facts
 from qlora_pipeline.plan.precision import precision_for, this_machine
 from qlora_pipeline.plan.predict import plan_from_facts
 from qlora_pipeline.plan.show import human
@@ -72,16 +72,19 @@ def choose(
     budget: int | None = None,
     local_processes: int | None = None,
     strict: bool = True,
+    facts: ModelFacts | None = None,
 ) -> Choice:
     """The fastest candidate settings whose plan fits the budget (see the module docstring). `budget`: bytes (default:
     the recipe's memory_budget, else free memory less MARGIN). When none fits: PipelineError, or with strict=False
-    the smallest candidate, with `fits` False (the planner's command shows its rows)."""
+    the smallest candidate, with `fits` False (the planner's command shows its rows). `facts`: the recipe's model
+    facts on `device`, where the caller has them (they hold the labelled share once estimated)."""
     device = device or this_machine()
     budget, source = (budget, "given") if budget is not None else memory_budget(recipe, device, local_processes)
-    facts = model_facts(recipe, precision_for(recipe, device))
+    facts = facts or model_facts(recipe, precision_for(recipe, device))
     effective = recipe.training.per_device_train_batch_size * recipe.training.gradient_accumulation_steps
+    options = candidates(recipe)
     tried = []
-    for checkpointing, batch in candidates(recipe):
+    for checkpointing, batch in options:
         # Every position labelled is an upper bound that needs no data read; the data's own share only when that
         # bound does not fit.
         plan = plan_from_facts(
@@ -99,7 +102,7 @@ def choose(
                 "fits": fits,
             }
         )
-        if fits or (not strict and len(tried) == len(candidates(recipe))):
+        if fits or (not strict and len(tried) == len(options)):
             return Choice(
                 gradient_checkpointing=checkpointing,
                 per_device_train_batch_size=batch,
