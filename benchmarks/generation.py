@@ -17,7 +17,6 @@ benchmarks/results/generation.json).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -25,16 +24,18 @@ import sys
 import time
 from pathlib import Path
 
+from qlora_pipeline.cli.spelling import ArgumentParser
+
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "tiny-starling-medtuned-qlora.yaml"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="embedded:starling-small", help="model id or folder (default %(default)s)")
     parser.add_argument("--data", default="embedded:medtuned-sample", help="MedTuned-style rows to hold out from")
     parser.add_argument("--rows", type=int, default=64, help="held-out rows to generate for (default %(default)s)")
-    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=16)
+    parser.add_argument("--batch-size", dest="batch_size", type=int, default=16)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "generation.json"))
     return parser.parse_args(argv)
 

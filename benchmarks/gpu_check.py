@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import throughput  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
+from qlora_pipeline.cli.spelling import ArgumentParser  # noqa: E402
+
 REPO = throughput.REPO
 STARLING_RECIPE = REPO / "recipes" / "starling-7b-medtuned-qlora.yaml"
 STARLING_CONFIG = REPO / "qlora_pipeline" / "model" / "configs" / "berkeley-nest--Starling-LM-7B-alpha.json"
@@ -188,7 +190,7 @@ def goals(results: dict[str, dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="Starling's shape shrunk (TINY_SHAPE): the CPU check")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run (default 20)")
     parser.add_argument("--rows", type=int, default=512, help="data rows read (default 512)")

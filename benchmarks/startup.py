@@ -24,7 +24,6 @@ GOOD.yaml is recipes/tiny-starling-medtuned-qlora.yaml (the embedded tiny model 
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import json
 import os
@@ -38,6 +37,8 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
+
+from qlora_pipeline.cli.spelling import ArgumentParser
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD = REPO / "recipes" / "tiny-starling-medtuned-qlora.yaml"
@@ -69,7 +70,7 @@ def imports_torch(args: list[str], python_args: list[str] | None, cache: Path, e
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="runs per scenario (median reported); default 5")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
     options = parser.parse_args()

@@ -43,6 +43,7 @@ import threading
 import time
 from pathlib import Path
 
+from qlora_pipeline.cli.spelling import ArgumentParser
 from qlora_pipeline.training.measures import current_memory_mib, peak_memory_mib
 
 REPO = Path(__file__).resolve().parent.parent
@@ -471,9 +472,7 @@ def table(results: list[dict], peak_gflops: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["small", "base"])
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per configuration (default 30)")

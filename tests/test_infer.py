@@ -111,15 +111,16 @@ def test_generate_input_file_in_batches_keeps_row_order(merged_run, training_pro
     result = run_cli(
         "generate",
         str(merged_run["run"]),
-        "--input-file",
+        # Spelled as transformers users type options; the other tests use dashes.
+        "--input_file",
         str(source),
-        "--output-file",
+        "--output_file",
         str(out),
-        "--batch-size",
+        "--batch_size",
         "2",
-        "--max-new-tokens",
+        "--max_new_tokens",
         "12",
-        "--show-prompt",
+        "--show_prompt",
     )
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert result.stdout == ""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from qlora_pipeline import __version__
+from qlora_pipeline.cli.spelling import ArgumentParser, both_spellings
 
 OVERRIDES_HELP = (
     "Any recipe key can be overridden after the recipe as --key value (e.g. --learning_rate 1e-4 --max_steps 20); "
@@ -16,7 +17,7 @@ OVERRIDES_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="qlora-pipeline",
         description="Recipe-driven QLoRA / LoRA fine-tuning: recipe → data → model → train → run folder.",
     )
@@ -188,7 +189,11 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (implies --do-sample)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
-        "--do-sample", dest="do_sample", action="store_true", default=None, help="sample (default: greedy)"
+        *both_spellings(("--do-sample",)),
+        dest="do_sample",
+        action="store_true",
+        default=None,
+        help="sample (default: greedy)",
     )
     mode.add_argument("--greedy", dest="do_sample", action="store_false", help="always the likeliest token (default)")
     parser.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
