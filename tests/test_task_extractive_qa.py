@@ -208,16 +208,79 @@ def test_a_question_that_leaves_no_room_for_the_context_is_a_bad_row(tmp_path, t
         qa.load_examples(str(path), recipe, tokenizer)
 
 
-def test_an_answer_start_that_misses_its_text_is_named_by_line_place_and_id(tmp_path):
-    wrong = {"id": "q2", "question": "What makes insulin?", "answers": [{"text": "beta cells", "answer_start": 5}]}
+def test_an_answer_whose_text_is_not_in_the_context_is_named_by_line_place_and_id(tmp_path):
+    wrong = {"id": "q2", "question": "What makes insulin?", "answers": [{"text": "alpha cells", "answer_start": 23}]}
     path = _squad(tmp_path, [GOOD_QA, wrong])
     line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if '"q2"' in text)
     recipe = load_recipe(_recipe(tmp_path, dataset_name=str(path)))
     with pytest.raises(DataError) as caught:
         qa.load_examples(str(path), recipe)
     message = str(caught.value)
-    assert message.startswith(f"{path}:{line}: data[0].paragraphs[0].qas[1] (id 'q2'): answer 0: answer_start 5")
-    assert "not at the answer 'beta cells'; the text is at 23" in message
+    assert message.startswith(f"{path}:{line}: data[0].paragraphs[0].qas[1] (id 'q2'): answer 0: answer_start 23")
+    assert "the answer 'alpha cells' is nowhere in the context" in message
+    skipping = qa.load_examples(str(path), load_recipe(_recipe(tmp_path, dataset_name=str(path), on_bad_rows="skip")))
+    assert skipping.dataset["id"] == ["q1"] and len(skipping.skipped) == 1 and not skipping.repaired
+
+
+# "beta cells" is at 23 in the context below, "glucose" at 68, "insulin" at 59 and 88.
+REALIGN_CONTEXT = (
+    "Insulin is made by the beta cells of the pancreas. Without insulin, glucose stays high; insulin lowers it."
+)
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected", "fix"),
+    [
+        ({"text": "beta cells", "answer_start": 24}, ("beta cells", 23), "answer_start 24 → 23 (its only occurrence)"),
+        ({"text": "beta cells", "answer_start": 22}, ("beta cells", 23), "answer_start 22 → 23"),
+        # A leading space kept in the text, the offset at the word: trimmed, the start stays.
+        ({"text": " beta cells", "answer_start": 23}, ("beta cells", 23), "answer_start 23 kept, text ' beta cells' t"),
+        # Spaces around the text and the offset one off.
+        ({"text": " beta cells ", "answer_start": 24}, ("beta cells", 23), "24 → 23 (its only occurrence), text"),
+        # Twice in the context: the occurrence nearest the given start.
+        ({"text": "insulin", "answer_start": 58}, ("insulin", 59), "answer_start 58 → 59 (the nearest of 2"),
+        # Far off, but the text is there only once: unambiguous.
+        ({"text": "glucose", "answer_start": 3}, ("glucose", 68), "answer_start 3 → 68 (its only occurrence)"),
+    ],
+)
+def test_an_answer_start_off_its_text_is_realigned_and_listed(tmp_path, answer, expected, fix):
+    """Public SQuAD-format sets have offsets one character off and answer texts with a leading space; the answer
+    is moved onto its text, and the fix is listed with the question's line and counted."""
+    assert REALIGN_CONTEXT[expected[1] : expected[1] + len(expected[0])] == expected[0]
+    slipped = {"id": "q2", "question": "What makes insulin?", "answers": [answer]}
+    good = dict(GOOD_QA, answers=[{"text": "beta cells", "answer_start": 23}])
+    path = _squad(tmp_path, [good, slipped], context=REALIGN_CONTEXT)
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if '"q2"' in text)
+    source = qa.load_examples(str(path), load_recipe(_recipe(tmp_path, dataset_name=str(path))))
+    assert source.dataset[1]["answers"] == {"text": [expected[0]], "answer_start": [expected[1]]}
+    assert source.dataset[0]["answers"] == {"text": ["beta cells"], "answer_start": [23]}  # untouched
+    assert len(source.repaired) == 1 and not source.skipped
+    record = source.repaired[0]
+    assert (record["file"], record["line"], record["fix"]) == (str(path), line, "answer realigned")
+    assert record["reason"].startswith("data[0].paragraphs[0].qas[1] (id 'q2'): answer 0: ") and fix in record["reason"]
+    assert any("1 answers realigned" in note for note in source.notes)
+
+
+def test_an_answer_start_between_two_mentions_or_far_from_several_is_not_guessed(tmp_path):
+    context = "beta cells and more beta cells"  # at 0 and 20
+    for start, why in ((10, "equally near"), (-40, "none within 20 characters")):
+        slipped = {"id": "q2", "question": "Who?", "answers": [{"text": "beta cells", "answer_start": start}]}
+        good = dict(GOOD_QA, answers=[{"text": "beta cells", "answer_start": 0}])
+        path = _squad(tmp_path, [good, slipped], context=context)
+        with pytest.raises(DataError, match=rf"answer_start {start} misses the answer 'beta cells', which is at 0, 20"):
+            qa.load_examples(str(path), load_recipe(_recipe(tmp_path, dataset_name=str(path))))
+        skipping = load_recipe(_recipe(tmp_path, dataset_name=str(path), on_bad_rows="skip"))
+        assert why in qa.load_examples(str(path), skipping).skipped[0]["reason"]
+
+
+def test_preprocess_counts_the_realigned_answers(tmp_path, cli_in_process):
+    slipped = {"id": "q2", "question": "What makes insulin?", "answers": [{"text": " beta cells", "answer_start": 23}]}
+    path = _squad(tmp_path, [GOOD_QA, slipped, dict(slipped, id="q3")])
+    result = cli_in_process("preprocess", str(_recipe(tmp_path, dataset_name=str(path), eval_split_size=0)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "rows  read 3 = train 3 + eval 0 + skipped 0 + unused 0" in result.stdout
+    assert "repaired 2 (answer realigned;" in result.stdout
+    assert f"note: {path}: 2 answers realigned" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -265,10 +328,17 @@ def test_flat_rows_need_the_question_and_answers_columns(tmp_path):
         str(path), load_recipe(_recipe(tmp_path, dataset_name=str(path), question_column="query"))
     )
     assert source.dataset[0]["answers"] == {"text": ["the beta cells"], "answer_start": [19]}
-    rows[0]["answers"] = {"text": ["the beta cells"], "answer_start": [3]}
+    # Flat rows are realigned as SQuAD JSON is; a text not in the context is named by line.
+    rows[0]["answers"] = {"text": ["the beta cells"], "answer_start": [18]}
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(DataError, match=rf"{path}:1: 'answers' answer 0: answer_start 3 points at"):
-        qa.load_examples(str(path), load_recipe(_recipe(tmp_path, dataset_name=str(path), question_column="query")))
+    flat = load_recipe(_recipe(tmp_path, dataset_name=str(path), question_column="query"))
+    realigned = qa.load_examples(str(path), flat)
+    assert realigned.dataset[0]["answers"] == {"text": ["the beta cells"], "answer_start": [19]}
+    assert realigned.repaired[0]["reason"] == "'answers': answer 0: answer_start 18 → 19 (its only occurrence)"
+    rows[0]["answers"] = {"text": ["the alpha cells"], "answer_start": [19]}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=rf"{path}:1: 'answers' answer 0: answer_start 19 given: the answer 'the alpha"):
+        qa.load_examples(str(path), flat)
 
 
 # ---------------------------------------------------------------- training, for real
@@ -328,19 +398,35 @@ def test_training_beats_the_untrained_model_on_held_out_questions(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not SQUAD_DEV.is_file(), reason="../shared/data is not here (it is in CI, not in a fresh clone)")
 def test_the_recipe_runs_on_the_real_squad_v2_dev_rows(tmp_path):
+    """On the real SQuAD v2 dev rows, with the slips a public biomedical SQuAD-format set has put in: some offsets
+    one character early, some answer texts with a leading space. They are realigned and counted, not fatal."""
     from qlora_pipeline.stages import train
 
-    overrides = ["--dataset_name", str(SQUAD_DEV), "--output_dir", str(tmp_path / "run")]
+    document = json.loads(SQUAD_DEV.read_text(encoding="utf-8"))
+    answers = [a for article in document["data"] for p in article["paragraphs"] for q in p["qas"] for a in q["answers"]]
+    for number, answer in enumerate(answers[::97]):
+        if number % 2:
+            answer["answer_start"] -= 1
+        else:
+            answer["text"] = " " + answer["text"]
+    slipped = tmp_path / "dev-v2.0-slipped.json"
+    slipped.write_text(json.dumps(document), encoding="utf-8")
+    overrides = ["--dataset_name", str(slipped), "--output_dir", str(tmp_path / "run")]
     overrides += ["--max_train_samples", "96", "--max_eval_samples", "48", "--num_train_epochs", "1"]
     overrides += ["--eval_strategy", "no"]
     recipe = load_recipe(TINY_QA_RECIPE, overrides)
     prepared = qa.ExtractiveQATask().prepare_data(recipe)
     assert prepared.accounting["rows_read"] == 6078  # every question of the file was read and checked
+    assert prepared.accounting["skipped"] == 0
+    assert prepared.accounting["repaired"] == {"answer realigned": len(answers[::97])}
     windows = prepared.eval.dataset["example_id"]
     assert max(windows.count(i) for i in set(windows)) > 1  # a long context split into several windows
     assert any(not answers["text"] for answers in prepared.eval_rows["answers"])  # unanswerable questions held out
 
     summary = train.run(recipe)
+    assert summary["data"]["repaired"] == {"answer realigned": len(answers[::97])}
+    listed = (tmp_path / "run" / "repaired_rows.jsonl").read_text().splitlines()
+    assert len(listed) == len(answers[::97]) and all(json.loads(line)["line"] for line in listed)
     after = summary["task_metrics"]["after"]
     assert after["n"] == 48 and after["NoAns_n"] > 0 and after["HasAns_n"] > 0
     assert 0 <= after["f1"] <= 100 and 0 <= after["exact_match"] <= after["f1"] + 1e-9

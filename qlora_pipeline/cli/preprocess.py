@@ -50,6 +50,8 @@ def preprocess(args, overrides: list[str]) -> int:
             f"rows  read {prepared.accounting['rows_read']} = train {rows['train']} + eval {rows['eval']} + skipped "
             f"{prepared.accounting['skipped']} + unused {prepared.accounting['unused']} (past max_train/eval_samples)"
         )
+        for fix, count in prepared.accounting.get("repaired", {}).items():
+            print(f"repaired {count} ({fix}; kept, listed in the run's repaired_rows.jsonl)")
     return 0
 
 

@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ ROW_COLUMN = "__row__"
 # Column of the held-out rows when they come from several eval files: the short name of each row's file.
 SOURCE_COLUMN = "__source__"
 SKIPPED_FILE = "skipped_rows.jsonl"
+REPAIRED_FILE = "repaired_rows.jsonl"
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -83,6 +85,8 @@ class RowSource:
     rows_read: int = 0  # rows in the file(s), blank lines aside, before any was skipped
     skipped: list[dict] = field(default_factory=list)  # Where.record(reason) of each row left out
     notes: list[str] = field(default_factory=list)
+    # Where.record(what was fixed) of each slip fixed in place (kept, not skipped), with "fix": the kind of fix.
+    repaired: list[dict] = field(default_factory=list)
 
     def row(self, index: int) -> str:
         if self.rows is not None:
@@ -483,7 +487,7 @@ def _note_columns_and_skips(source: RowSource, present: list[str], data_args, sp
 
 def write_skipped(path: str | os.PathLike, skipped: list[dict]) -> None:
     """skipped_rows.jsonl: one {"file", "line", "reason"} object per row left out (with "row" where lines are
-    unknown)."""
+    unknown); repaired_rows.jsonl, the same for each slip fixed in a kept row (with its "fix")."""
     with open(path, "w", encoding="utf-8") as handle:
         for record in skipped:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -491,12 +495,14 @@ def write_skipped(path: str | os.PathLike, skipped: list[dict]) -> None:
 
 def accounting(train: RowSource, eval_source: RowSource | None, train_set, eval_set) -> dict:
     """Where every row read went, besides the splits' own counts: rows read = train rows + eval rows + skipped +
-    unused (past max_train_samples / max_eval_samples); each split's rows = its examples + its dropped."""
+    unused (past max_train_samples / max_eval_samples); each split's rows = its examples + its dropped. `repaired`
+    counts the slips fixed in rows that were kept, by kind (e.g. {"answer realigned": 3})."""
     sources = [s for s in (train, eval_source) if s is not None]
     read = sum(s.rows_read for s in sources)
     skipped = sum(len(s.skipped) for s in sources)
     used = len(train_set) + (len(eval_set) if eval_set is not None else 0)
-    return {"rows_read": read, "skipped": skipped, "unused": read - skipped - used}
+    repaired = Counter(record["fix"] for s in sources for record in s.repaired)
+    return {"rows_read": read, "skipped": skipped, "unused": read - skipped - used, "repaired": dict(repaired)}
 
 
 def split_train_eval(

@@ -166,13 +166,17 @@ def say_notes(notes: list[str], main_process: bool) -> list[str]:
 
 
 def record_data(recipe: Recipe, prepared: PreparedData, run_dir: Path, main_process: bool) -> list[str]:
-    """The recipe's and the data's notes, printed; recipe.yaml and skipped_rows.jsonl written (main process)."""
+    """The recipe's and the data's notes, printed; recipe.yaml, skipped_rows.jsonl and repaired_rows.jsonl written
+    (main process)."""
     notes = say_notes(recipe.notes + prepared.notes, main_process)
     if main_process:
         recipe.save(run_dir / "recipe.yaml")
         if prepared.skipped:
             data_rows.write_skipped(run_dir / data_rows.SKIPPED_FILE, prepared.skipped)
             print(f"note: the {len(prepared.skipped)} skipped rows are listed in {run_dir / data_rows.SKIPPED_FILE}")
+        if prepared.repaired:
+            data_rows.write_skipped(run_dir / data_rows.REPAIRED_FILE, prepared.repaired)
+            print(f"note: the {len(prepared.repaired)} repairs are listed in {run_dir / data_rows.REPAIRED_FILE}")
     return notes
 
 

@@ -49,6 +49,7 @@ class PreparedData:
     accounting: dict | None = None  # rows read, skipped, unused (rows.accounting)
     eval_rows: Any = None  # the held-out rows as read (datasets.Dataset): gold answers and labels for the metric
     extra: dict = field(default_factory=dict)  # task-specific facts (e.g. label names), saved nowhere by the flow
+    repaired: list[dict] = field(default_factory=list)  # slips fixed in kept rows (rows.RowSource.repaired)
 
     @classmethod
     def from_splits(cls, tokenizer, template, notes, train: Split, held_out: Split, *, after=(), extra=None):
@@ -65,6 +66,7 @@ class PreparedData:
             data_rows.accounting(train.source, held_out.source, train.rows, held_out.rows),
             eval_rows=held_out.rows,
             extra=extra or {},
+            repaired=[record for source in read for record in source.repaired],
         )
 
 

@@ -1,8 +1,9 @@
 """Extractive QA: BERT-style span prediction on SQuAD v1/v2 data (the diabetes example; bert-base-uncased).
 
 Data. A SQuAD JSON file (`data[].paragraphs[].qas[]`, v1 or v2) is read by this module, which names a bad question by
-file, line, its place in the file and its id: a missing question or context, answers that are not a list, an
-`answer_start` that does not point at the answer's text in the context, a duplicate id. Flat rows (JSONL, CSV,
+file, line, its place in the file and its id: a missing question or context, answers that are not a list, an answer
+whose text is not in the context, a duplicate id. An `answer_start` a few characters off its text (public sets have
+off-by-one slips, and answer texts with a leading space) is moved onto it (`align_answer`), counted and listed. Flat rows (JSONL, CSV,
 parquet, the Hub's `rajpurkar/squad_v2`) go through `rows.load_rows` with `question_column`, `context_column` and
 `answers_column` ({text: [...], answer_start: [...]}, empty lists for an unanswerable question; in a CSV, that object
 as JSON text). `on_bad_rows` applies to every one of those problems. Each question becomes one example
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_pipeline.data import rows as data_mod
@@ -40,6 +41,12 @@ from qlora_pipeline.tasks.metrics import squad
 FEATURES_VERSION = "1"
 # The columns a window carries besides the model inputs: for the metric and the summary, never for the model.
 BOOKKEEPING = ("n_tokens", "example_id", "offset_mapping", "cls_index")
+# How far (in characters) an answer_start may be from its answer's text and still be moved onto it. Public
+# SQuAD-format sets have off-by-one slips (offsets counted from one character early, a leading space kept in the
+# text); farther off, the nearest mention of the text may be a different one, so only a text found once in the
+# context is moved farther than this.
+REALIGN_WINDOW = 20
+REALIGNED = "answer realigned"
 
 
 class ExtractiveQATask(Task):
@@ -135,11 +142,15 @@ class _Problems:
 
     skip: bool
     records: list
+    repaired: list = field(default_factory=list)  # answers moved onto their text: kept, listed, counted
 
     def __call__(self, where: data_mod.Where, reason: str) -> None:
         if not self.skip:
             raise DataError(f"{where}: {reason}")
         self.records.append(where.record(reason))
+
+    def realigned(self, where: data_mod.Where, label: str, fixes: list[str]) -> None:
+        self.repaired += [{**where.record(f"{label}: {fix}"), "fix": REALIGNED} for fix in fixes]
 
 
 def load_examples(name: str, recipe, tokenizer=None) -> data_mod.RowSource:
@@ -171,7 +182,12 @@ def load_examples(name: str, recipe, tokenizer=None) -> data_mod.RowSource:
             f"{resolved}: {len(records)} of {rows_read} questions skipped (on_bad_rows: skip); "
             f"first: {_describe_record(records[0])}"
         )
-    return data_mod.RowSource(dataset, str(resolved), wheres, rows_read, records, notes)
+    if problems.repaired:
+        notes.append(
+            f"{resolved}: {len(problems.repaired)} answers realigned: answer_start moved onto the answer's text "
+            f"(whitespace around the text trimmed); first: {_describe_record(problems.repaired[0])}"
+        )
+    return data_mod.RowSource(dataset, str(resolved), wheres, rows_read, records, notes, problems.repaired)
 
 
 def _describe_record(record: dict) -> str:
@@ -248,11 +264,12 @@ def read_squad_json(path: Path, problems: _Problems):
                 counter["read"] += 1
                 where = where_of(qa, counter["read"])
                 label = f"{place}.qas[{q}]" + (f" (id {qa['id']!r})" if isinstance(qa, dict) and "id" in qa else "")
-                problem = _squad_question_problem(qa, context, seen, where)
+                answers, fixes, problem = _check_squad_question(qa, context, seen, where)
                 if problem:
                     problems(where, f"{label}: {problem}")
                     continue
-                rows.append(_example(qa, context))
+                problems.realigned(where, label, fixes)
+                rows.append(_example(qa, context, answers))
                 wheres.append(where)
     return rows, wheres, counter["read"], []
 
@@ -269,43 +286,42 @@ def _id_lines(text: str) -> dict[str, list[int]]:
     return found
 
 
-def _example(qa: dict, context: str) -> dict:
-    answers = qa.get("answers") or []
+def _example(qa: dict, context: str, answers: dict) -> dict:
     return {
         "id": str(qa["id"]),
         "context": context,
         # Leading spaces only waste window room (some SQuAD questions have dozens).
         "question": qa["question"].strip(),
-        "answers": {"text": [a["text"] for a in answers], "answer_start": [a["answer_start"] for a in answers]},
+        "answers": answers,
     }
 
 
-def _squad_question_problem(qa, context, seen: dict, where: data_mod.Where) -> str | None:
-    """What makes one SQuAD question untrainable, or None (its id then joins `seen`)."""
+def _check_squad_question(qa, context, seen: dict, where: data_mod.Where):
+    """(answers {text: [...], answer_start: [...]}, the realignments made, None) for a trainable SQuAD question, or
+    (None, [], what makes it untrainable). A trainable question's id joins `seen`."""
     if not isinstance(qa, dict):
-        return f"expected a question object, got {data_mod.kind_of(qa)}"
+        return None, [], f"expected a question object, got {data_mod.kind_of(qa)}"
     if not isinstance(context, str) or not context.strip():
-        return "its paragraph's 'context' is " + ("missing" if context is None else "empty or not text")
+        return None, [], "its paragraph's 'context' is " + ("missing" if context is None else "empty or not text")
     problem = _text_problem(qa, "question") or _id_problem(qa.get("id"), seen, where)
     if problem:
-        return problem
+        return None, [], problem
     answers = qa.get("answers", [])
     impossible = qa.get("is_impossible")
     if impossible is not None and not isinstance(impossible, bool):
-        return f"'is_impossible' must be true or false, got {data_mod.kind_of(impossible)}"
+        return None, [], f"'is_impossible' must be true or false, got {data_mod.kind_of(impossible)}"
     if not isinstance(answers, list):
-        return f"'answers' must be a list of {{text, answer_start}}, got {data_mod.kind_of(answers)}"
+        return None, [], f"'answers' must be a list of {{text, answer_start}}, got {data_mod.kind_of(answers)}"
     if impossible and answers:
-        return f"'is_impossible' is true but it has {len(answers)} answer(s)"
+        return None, [], f"'is_impossible' is true but it has {len(answers)} answer(s)"
     if impossible is False and not answers:
-        return "no answers, and 'is_impossible' is false"
+        return None, [], "no answers, and 'is_impossible' is false"
     for number, answer in enumerate(answers):
         if not isinstance(answer, dict):
-            return f"answer {number}: expected {{text, answer_start}}, got {data_mod.kind_of(answer)}"
-        problem = _answer_problem(answer.get("text"), answer.get("answer_start"), context)
-        if problem:
-            return f"answer {number}: {problem}"
-    return None
+            return None, [], f"answer {number}: expected {{text, answer_start}}, got {data_mod.kind_of(answer)}"
+    texts = [answer.get("text") for answer in answers]
+    starts = [answer.get("answer_start") for answer in answers]
+    return align_answers(texts, starts, context, "")
 
 
 def _text_problem(row: dict, column: str) -> str | None:
@@ -330,20 +346,52 @@ def _id_problem(value, seen: dict, where: data_mod.Where) -> str | None:
     return None
 
 
-def _answer_problem(text, start, context: str) -> str | None:
-    """Why an answer does not sit where it says in the context, or None."""
+def align_answers(texts: list, starts: list, context: str, prefix: str):
+    """(answers {text, answer_start}, the realignments made, None), or (None, [], the first answer's problem).
+    `prefix` goes before "answer N" in both (the flat rows' column name)."""
+    aligned, fixes = {"text": [], "answer_start": []}, []
+    for number, (text, start) in enumerate(zip(texts, starts)):
+        text_start, fix, problem = align_answer(text, start, context)
+        if problem:
+            return None, [], f"{prefix}answer {number}: {problem}"
+        aligned["text"].append(text_start[0])
+        aligned["answer_start"].append(text_start[1])
+        if fix:
+            fixes.append(f"{prefix}answer {number}: {fix}")
+    return aligned, fixes, None
+
+
+def align_answer(text, start, context: str):
+    """((text, answer_start), what was fixed or None, None) for an answer whose text is in the context, or
+    (None, None, why not). A start that misses its text is moved to the text's nearest occurrence within
+    REALIGN_WINDOW characters (a tie is refused), or farther where the text occurs once; whitespace around the
+    text is trimmed first."""
     if not isinstance(text, str) or not text.strip():
-        return "'text' must be non-empty text" + ("" if text is None else f", got {data_mod.kind_of(text)!s}")
+        return None, None, "'text' must be non-empty text" + ("" if text is None else f", got {data_mod.kind_of(text)}")
     if isinstance(start, bool) or not isinstance(start, int):
-        return f"'answer_start' must be a whole number, got {data_mod.kind_of(start)}"
-    found = context[start : start + len(text)] if 0 <= start < len(context) else ""
-    if found == text:
-        return None
-    elsewhere = context.find(text)
-    hint = f"; the text is at {elsewhere}" if elsewhere >= 0 else "; the text is nowhere in the context"
-    if not 0 <= start < len(context):
-        return f"answer_start {start} is outside the context ({len(context)} characters){hint}"
-    return f"answer_start {start} points at {found!r} in the context, not at the answer {text!r}{hint}"
+        return None, None, f"'answer_start' must be a whole number, got {data_mod.kind_of(start)}"
+    if 0 <= start and context[start : start + len(text)] == text:
+        return (text, start), None, None
+    stripped = text.strip()
+    expected = start + (len(text) - len(text.lstrip()))  # where the trimmed text would begin
+    found, at = [], context.find(stripped)
+    while at >= 0:
+        found.append(at)
+        at = context.find(stripped, at + 1)
+    if not found:
+        where = f"outside the context ({len(context)} characters)" if not 0 <= start < len(context) else "given"
+        return None, None, f"answer_start {start} {where}: the answer {text!r} is nowhere in the context"
+    nearest = min(found, key=lambda i: abs(i - expected))
+    distance = abs(nearest - expected)
+    ties = [i for i in found if abs(i - expected) == distance]
+    if len(ties) > 1 or (distance > REALIGN_WINDOW and len(found) > 1):
+        why = "equally near" if len(ties) > 1 else f"none within {REALIGN_WINDOW} characters of it"
+        places = ", ".join(str(i) for i in (ties if len(ties) > 1 else found)[:5])
+        return None, None, f"answer_start {start} misses the answer {text!r}, which is at {places} ({why}); fix the row"
+    place = "its only occurrence" if len(found) == 1 else f"the nearest of {len(found)} occurrences"
+    trimmed = f", text {text!r} trimmed to {stripped!r}" if stripped != text else ""
+    moved = f"answer_start {start} → {nearest} ({place})" if nearest != start else f"answer_start {start} kept"
+    return (stripped, nearest), moved + trimmed, None
 
 
 @dataclass(frozen=True)
@@ -382,10 +430,11 @@ def read_flat_rows(name: str, recipe, problems: _Problems):
     for index, row in enumerate(dataset):
         where = source.rows[index] if source.rows else data_mod.Where(source.name, row=index + 1)
         context = row[task.context_column]
-        answers, problem = _flat_answers(row[task.answers_column], context, task.answers_column)
+        answers, fixes, problem = _flat_answers(row[task.answers_column], context, task.answers_column)
         if problem:
             problems(where, problem)
             continue
+        problems.realigned(where, f"'{task.answers_column}'", fixes)
         qid = row[id_column] if id_column and row[id_column] is not None else f"row-{where.line or where.row}"
         question = row[task.question_column].strip()
         rows.append({"id": str(qid), "context": context, "question": question, "answers": answers})
@@ -403,24 +452,25 @@ def _parsed_row_by_row(name: str) -> bool:
 
 
 def _flat_answers(value, context: str, column: str):
-    """({text, answer_start}, None) or (None, the problem) for one flat row's answers value."""
+    """({text, answer_start}, realignments, None) or (None, [], the problem) for one flat row's answers value."""
     if isinstance(value, str):  # a CSV cell: the object as JSON text
         try:
             value = json.loads(value) if value.strip() else None
         except json.JSONDecodeError as exc:
-            return None, f"'{column}' is not valid JSON: {exc.msg}"
+            return None, [], f"'{column}' is not valid JSON: {exc.msg}"
     if not isinstance(value, dict) or not {"text", "answer_start"} <= set(value):
-        return None, f"'{column}' must be an object {{text: [...], answer_start: [...]}}, got {data_mod.kind_of(value)}"
+        return (
+            None,
+            [],
+            f"'{column}' must be an object {{text: [...], answer_start: [...]}}, got {data_mod.kind_of(value)}",
+        )
     texts, starts = value["text"], value["answer_start"]
     if not isinstance(texts, list) or not isinstance(starts, list):
-        return None, f"'{column}': text and answer_start must be lists"
+        return None, [], f"'{column}': text and answer_start must be lists"
     if len(texts) != len(starts):
-        return None, f"'{column}': {len(texts)} texts but {len(starts)} answer_start values"
-    for number, (text, start) in enumerate(zip(texts, starts)):
-        problem = _answer_problem(text, start, context)
-        if problem:
-            return None, f"'{column}' answer {number}: {problem}"
-    return {"text": list(texts), "answer_start": list(starts)}, None
+        return None, [], f"'{column}': {len(texts)} texts but {len(starts)} answer_start values"
+    answers, fixes, problem = align_answers(texts, starts, context, f"'{column}' ")
+    return answers, [fix.removeprefix(f"'{column}' ") for fix in fixes], problem
 
 
 def check_question_lengths(rows, wheres, tokenizer, recipe, problems: _Problems) -> list[int]:
