@@ -23,6 +23,7 @@ from conftest import REPO, run_cli, write_recipe
 from qlora_pipeline.recipe import launcher as distributed
 
 LAUNCH = REPO / "launch"
+RANK_AUDIT = REPO / "tests" / "rank_audit.py"
 CONFIGS = sorted(LAUNCH.rglob("*.yaml"))
 # The distributed type each config must load as, by file name.
 EXPECTED_TYPE = {
@@ -45,7 +46,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_command(config: str, *args: str) -> list[str]:
+def _launch_command(config: str, *args: str, script: Path | None = None) -> list[str]:
+    """`accelerate launch` of `-m qlora_pipeline ARGS`, or of `script ARGS`."""
+    target = [str(script)] if script else ["-m", "qlora_pipeline"]
     return [
         sys.executable,
         "-m",
@@ -54,8 +57,7 @@ def _launch_command(config: str, *args: str) -> list[str]:
         str(LAUNCH / config),
         "--main_process_port",
         str(_free_port()),
-        "-m",
-        "qlora_pipeline",
+        *target,
         *args,
     ]
 
@@ -314,25 +316,63 @@ def test_fsdp_on_cpu_processes_is_refused_once_before_anything_loads(tmp_path):
 # ---------------------------------------------------------------- real 2-process runs
 
 
-@pytest.mark.slow
-def test_ddp_runs_two_processes_and_its_4bit_adapter_merges(tmp_path):
-    recipe = write_recipe(tmp_path / "recipe.yaml", output_dir=str(tmp_path / "run"))
+DDP_STEPS = 16
+# The DDP runs: 16 steps with a checkpoint every 2 (the killed run's settings; the reference saves none), one packed
+# row per rank per step, checkpointing left to the planner.
+DDP_ARGS = ("--max_steps", str(DDP_STEPS), *QUICK, "--gradient_checkpointing", "auto")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> dict:
+    """One uninterrupted 2-process DDP run, shared by the DDP tests, with every rank's witness (tests/rank_audit.py):
+    the token ids each rank's model was fed and a hash of its trainable weights after each step."""
+    root = tmp_path_factory.mktemp("ddp")
+    recipe = write_recipe(root / "recipe.yaml", output_dir=str(root / "run"))
     # A fresh cache: both ranks reach the embedded model's first build at once, as on a new machine.
-    fresh = {"QLORA_PIPELINE_CACHE": str(tmp_path / "cache")}
-    # Checkpointing left to the planner: the main process chooses, both ranks read its choice from the run folder.
-    auto = ["--gradient_checkpointing", "auto"]
-    result = launch(
-        "cpu/ddp.yaml", "train", str(recipe), "--max_steps", "3", "--save_strategy", "no", *QUICK, *auto, env=fresh
-    )
+    env = {"QLORA_PIPELINE_CACHE": str(root / "cache"), "RANK_AUDIT_DIR": str(root / "audit")}
+    command = _launch_command("cpu/ddp.yaml", str(recipe), *DDP_ARGS, "--save_strategy", "no", script=RANK_AUDIT)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**os.environ, **env}, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    summary = assert_two_ranks(tmp_path / "run", "MULTI_CPU")
-    assert summary["global_step"] == 3
+    audit = {
+        rank: [json.loads(line) for line in (root / "audit" / f"rank-{rank}.jsonl").read_text().splitlines()]
+        for rank in (0, 1)
+    }
+    return {"root": root, "run": root / "run", "result": result, "env": env, "audit": audit}
+
+
+@pytest.mark.slow
+def test_ddp_runs_two_processes_and_its_4bit_adapter_merges(ddp_run):
+    result = ddp_run["result"]
+    summary = assert_two_ranks(ddp_run["run"], "MULTI_CPU")
+    assert summary["global_step"] == DDP_STEPS
+    # Checkpointing left to the planner: the main process chooses, both ranks read its choice from the run folder.
     assert summary["auto_settings"]["auto"] == ["gradient_checkpointing"]
     assert "/ 2 processes less 10%" in summary["auto_settings"]["budget_source"]
     assert result.stdout.count("auto (gradient_checkpointing):") == 1
     assert result.stdout.count("== qlora-pipeline train: done ==") == 1, "only the main process prints the summary"
     assert "batch: 1 per device x 2 processes x 1 accumulation = 2 packed rows per optimizer step" in result.stdout
-    assert_merges_and_reloads(tmp_path / "run", env=fresh)
+    assert_merges_and_reloads(ddp_run["run"], env=ddp_run["env"])
+
+
+@pytest.mark.slow
+def test_ddp_ranks_train_on_different_rows_and_hold_the_same_adapter(ddp_run):
+    """Each optimizer step, the two ranks were fed different packed rows, and after it their trainable weights are
+    bit for bit the same. Both can hold only if the gradients were averaged across ranks: a rank stepping on its own
+    rows' gradient alone would move away from the other at step 1."""
+    audit = ddp_run["audit"]
+    assert [line["step"] for line in audit[0]] == [line["step"] for line in audit[1]] == list(range(1, DDP_STEPS + 1))
+    seen = {0: [], 1: []}
+    for first, second in zip(audit[0], audit[1]):
+        assert first["rows"] and second["rows"], "each rank was fed a batch at every step"
+        assert first["rows"] != second["rows"], f"step {first['step']}: both ranks were fed the same rows"
+        assert first["weights"] == second["weights"], f"step {first['step']}: the ranks' adapters differ"
+        seen[0] += [tuple(row) for row in first["rows"]]
+        seen[1] += [tuple(row) for row in second["rows"]]
+    # Within the epoch the sampler shards the packed rows: no row went to both ranks.
+    assert not set(seen[0]) & set(seen[1]), "a packed row was fed to both ranks"
+    assert len(set(seen[0])) == len(seen[0]) == DDP_STEPS
+    # And the weights did move: one hash per step, all different.
+    assert len({line["weights"] for line in audit[0]}) == DDP_STEPS
 
 
 @pytest.mark.slow
@@ -410,15 +450,16 @@ def _kill_everything_started_for(recipe: Path, launcher: subprocess.Popen) -> No
 
 
 @pytest.mark.slow
-def test_ddp_run_killed_after_a_checkpoint_resumes_under_the_same_config(tmp_path):
-    """SIGKILL to the whole launcher (no chance to save): the resumed run starts from the last complete checkpoint,
-    still on 2 processes, and finishes."""
+def test_ddp_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapter(ddp_run, tmp_path):
+    """SIGKILL to the launcher and its workers (no chance to save): the resumed run starts from the last complete
+    checkpoint, still on 2 processes, and ends with the adapter of the uninterrupted 2-process run (same recipe and
+    steps): model, optimizer, scheduler, each rank's RNG and the sharded data order all restored."""
     recipe = write_recipe(tmp_path / "recipe.yaml", output_dir=str(tmp_path / "run"))
-    args = ("train", str(recipe), "--max_steps", "40", "--save_strategy", "steps", "--save_steps", "2", *QUICK)
+    args = ("train", str(recipe), *DDP_ARGS, "--save_strategy", "steps", "--save_steps", "2")
     process = subprocess.Popen(
         _launch_command("cpu/ddp.yaml", *args),
         cwd=REPO,
-        env=dict(os.environ),
+        env={**os.environ, "QLORA_PIPELINE_CACHE": ddp_run["env"]["QLORA_PIPELINE_CACHE"]},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -430,11 +471,22 @@ def test_ddp_run_killed_after_a_checkpoint_resumes_under_the_same_config(tmp_pat
     from qlora_pipeline.training.checkpoints import checkpoints
 
     killed_at = max(int(path.name.split("-")[1]) for path in checkpoints(tmp_path / "run")[0])
-    assert killed_at < 40 and not (tmp_path / "run" / "summary.json").exists(), "killed before it finished"
+    assert killed_at < DDP_STEPS and not (tmp_path / "run" / "summary.json").exists(), "killed before it finished"
 
-    resumed = launch("cpu/ddp.yaml", *args, "--resume")
+    resumed = launch(
+        "cpu/ddp.yaml", *args, "--resume", env={"QLORA_PIPELINE_CACHE": ddp_run["env"]["QLORA_PIPELINE_CACHE"]}
+    )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     summary = _summary(tmp_path / "run")
     assert summary["launcher"]["distributed_type"] == "MULTI_CPU" and summary["processes"] == 2
     assert len({rank["pid"] for rank in summary["launcher"]["ranks"]}) == 2
-    assert summary["resumed_from_step"] == killed_at and summary["global_step"] == 40, summary
+    assert summary["resumed_from_step"] == killed_at and summary["global_step"] == DDP_STEPS, summary
+
+    from safetensors.torch import load_file
+
+    expected = load_file(str(ddp_run["run"] / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    assert got.keys() == expected.keys()
+    diff = max((got[name].float() - expected[name].float()).abs().max().item() for name in expected)
+    print(f"killed at checkpoint-{killed_at} of {DDP_STEPS}; resumed 2-process adapter vs uninterrupted: {diff}")
+    assert diff < 1e-5, f"the resumed 2-process adapter differs from the uninterrupted one by up to {diff}"

@@ -227,9 +227,11 @@ class Scores:
     def before(self) -> None:
         if not self.has_eval:
             return
-        if self.trainer.is_deepspeed_enabled:
-            # The Trainer builds the DeepSpeed engine inside train(); evaluating before it needs ZeRO-3. So the
-            # "before" eval runs at step 0, inside train().
+        if self.trainer.is_deepspeed_enabled or self.trainer.args.world_size > 1:
+            # The "before" eval runs at step 0, inside train(). The Trainer builds the DeepSpeed engine there
+            # (evaluating before it needs ZeRO-3); and under DDP an evaluate() before train() marks the model as
+            # prepared, so accelerate's prepare() in train() skips the DDP wrapper and each rank trains on its own
+            # gradients (tests/test_scaling.py checks the ranks' weights agree after every step).
             self.trainer.args.eval_on_start = True
         else:
             self.eval_before = self.trainer.evaluate(metric_key_prefix="before")
