@@ -3,9 +3,9 @@
 Data. A SQuAD JSON file (`data[].paragraphs[].qas[]`, v1 or v2) is read by this module, which names a bad question by
 file, line, its place in the file and its id: a missing question or context, answers that are not a list, an answer
 whose text is not in the context, a duplicate id. An `answer_start` a few characters off its text (public sets have
-off-by-one slips, and answer texts with a leading space) is moved onto it (`align_answer`), counted and listed. Flat rows (JSONL, CSV,
-parquet, the Hub's `rajpurkar/squad_v2`) go through `rows.load_rows` with `question_column`, `context_column` and
-`answers_column` ({text: [...], answer_start: [...]}, empty lists for an unanswerable question; in a CSV, that object
+off-by-one slips, and answer texts with a leading space) is moved onto it (`align_answer`), counted and listed. Flat
+rows (JSONL, CSV, parquet, the Hub's `rajpurkar/squad_v2`) go through `rows.load_rows` with `question_column`,
+`context_column` and `answers_column` ({text: [...], answer_start: [...]}, empty lists for an unanswerable question; in a CSV, that object
 as JSON text). `on_bad_rows` applies to every one of those problems. Each question becomes one example
 {id, context, question, answers}; the held-out split is by question (`rows.split_train_eval`).
 
