@@ -5,9 +5,9 @@ file, line, its place in the file and its id: a missing question or context, ans
 whose text is not in the context, a duplicate id. An `answer_start` a few characters off its text (public sets have
 off-by-one slips, and answer texts with a leading space) is moved onto it (`align_answer`), counted and listed. Flat
 rows (JSONL, CSV, parquet, the Hub's `rajpurkar/squad_v2`) go through `rows.load_rows` with `question_column`,
-`context_column` and `answers_column` ({text: [...], answer_start: [...]}, empty lists for an unanswerable question; in a CSV, that object
-as JSON text). `on_bad_rows` applies to every one of those problems. Each question becomes one example
-{id, context, question, answers}; the held-out split is by question (`rows.split_train_eval`).
+`context_column` and `answers_column` ({text: [...], answer_start: [...]}, empty lists for an unanswerable question;
+in a CSV, that object as JSON text). `on_bad_rows` applies to every one of those problems. Each question becomes one
+example {id, context, question, answers}; the held-out split is by question (`rows.split_train_eval`).
 
 Features. A context longer than a window is split into windows of `max_length` tokens (question + context) that
 overlap by `doc_stride` tokens: `tokenizer(question, context, truncation="only_second", stride=doc_stride,
