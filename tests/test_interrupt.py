@@ -1,5 +1,7 @@
 """SIGINT/SIGTERM during training: a checkpoint is saved through the Trainer's own path, the run exits non-zero with
-the command that resumes it, and the resumed run ends with the adapter an uninterrupted run trains."""
+the command that resumes it, and the resumed run ends with the adapter an uninterrupted run trains. That run is also
+the secrets check of every path a credential could take: sentinel HF_TOKEN and WANDB_API_KEY in the environment of a
+run that saves a checkpoint, is interrupted, resumes, reports to W&B (offline), merges and dry-run publishes."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, run_cli, write_recipe
+from conftest import REPO, SENTINELS, run_cli, write_recipe
 from safetensors.torch import load_file
 from transformers import TrainerControl, TrainerState
 
@@ -62,7 +64,13 @@ def _logged_steps(metrics) -> list[int]:
     return steps
 
 
-def _start_and_terminate(tmp_path, recipe, run_dir, after_step: int):
+def _sentinel_env(tmp_path) -> dict:
+    """Sentinel credentials, W&B offline with its folders under tmp_path (the key is there, so it would go online)."""
+    folders = {name: str(tmp_path / "wandb" / name) for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR")}
+    return {**SENTINELS, "WANDB_MODE": "offline", **folders}
+
+
+def _start_and_terminate(tmp_path, recipe, run_dir, after_step: int, env: dict):
     """Start `train` as a user would, send SIGTERM once step `after_step` is logged; returns (code, stdout, stderr)."""
     out, err = tmp_path / "interrupted.out", tmp_path / "interrupted.err"
     with open(out, "w") as stdout, open(err, "w") as stderr:
@@ -70,7 +78,7 @@ def _start_and_terminate(tmp_path, recipe, run_dir, after_step: int):
             [sys.executable, "-m", "qlora_pipeline", "train", str(recipe), *STEPS],
             stdout=stdout,
             stderr=stderr,
-            env=dict(os.environ),
+            env={**os.environ, **env},
             cwd=REPO,
         )
         try:
@@ -89,13 +97,15 @@ def _start_and_terminate(tmp_path, recipe, run_dir, after_step: int):
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_ends_with_the_uninterrupted_adapter(tmp_path):
+    env = _sentinel_env(tmp_path)
     reference = write_recipe(tmp_path / "reference.yaml", output_dir=str(tmp_path / "reference"))
     done = run_cli("train", str(reference), *STEPS)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    recipe = write_recipe(tmp_path / "recipe.yaml", output_dir=str(tmp_path / "run"))
+    recipe = write_recipe(tmp_path / "recipe.yaml", output_dir=str(tmp_path / "run"), report_to="wandb")
     run_dir = tmp_path / "run"
-    code, stdout, stderr = _start_and_terminate(tmp_path, recipe, run_dir, after_step=4)
+    code, stdout, stderr = _start_and_terminate(tmp_path, recipe, run_dir, after_step=4, env=env)
+    printed = stdout + stderr
     output = f"--- stdout ---\n{stdout[-3000:]}\n--- stderr ---\n{stderr[-3000:]}"
     assert code == 143, output
     assert "Traceback" not in stdout + stderr, output
@@ -115,6 +125,9 @@ def test_sigterm_saves_a_checkpoint_and_resume_ends_with_the_uninterrupted_adapt
     assert not (run_dir / "adapter").exists() and not (run_dir / "summary.json").exists(), "no export, no summary"
     assert "== qlora-pipeline train: done ==" not in stdout
     assert _logged_steps(run_dir / "metrics.jsonl") == list(range(1, stopped + 1))
+    # The checkpoint as saved (the resumed run's last save rotates it out): pickled arguments, optimizer, RNG state.
+    saved = [f"{checkpoint.name}/{name}" for name in ("training_args.bin", "optimizer.pt", "rng_state.pth")]
+    assert_no_sentinel_anywhere(run_dir, printed, holding=[*saved, f"{checkpoint.name}/trainer_state.json"])
 
     # A later save that was cut short: the newest folder lacks trainer_state.json. --resume must skip it.
     shutil.copytree(checkpoint, run_dir / "checkpoint-999")
@@ -123,8 +136,9 @@ def test_sigterm_saves_a_checkpoint_and_resume_ends_with_the_uninterrupted_adapt
     # The command the message gives, run as given.
     command = shlex.split(last.split("continue with: ", 1)[1])
     assert command[:2] == ["qlora-pipeline", "train"] and command[-1] == "--resume", command
-    resumed = run_cli(*command[1:])
+    resumed = run_cli(*command[1:], env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    printed += resumed.stdout + resumed.stderr
     assert "skipping checkpoint-999" in resumed.stdout and f"resuming from {checkpoint.name}" in resumed.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from_step"] == stopped and summary["global_step"] == MAX_STEPS
@@ -137,6 +151,30 @@ def test_sigterm_saves_a_checkpoint_and_resume_ends_with_the_uninterrupted_adapt
     diff = max((got[name].float() - expected[name].float()).abs().max().item() for name in expected)
     print(f"stopped at step {stopped} of {MAX_STEPS}; resumed adapter vs uninterrupted: max abs diff {diff}")
     assert diff < 1e-5, f"resumed adapter differs from the uninterrupted one by up to {diff}"
+
+    # The rest of the credential's possible paths: merge (which logs to the same W&B run) and publish --dry-run.
+    merged = run_cli("merge", str(run_dir), "--dtype", "fp32", "--prompts", "1", env=env)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    dry_run = run_cli("publish", str(run_dir), "--repo-id", "me/tiny", "--dry-run", env=env)
+    assert dry_run.returncode == 0, dry_run.stderr[-3000:]
+    printed += merged.stdout + merged.stderr + dry_run.stdout + dry_run.stderr
+    exported = ["merged/model.safetensors", "merged/README.md", "adapter/adapter_model.safetensors", "summary.json"]
+    assert_no_sentinel_anywhere(tmp_path, printed, holding=[f"run/{name}" for name in exported])
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline_runs) == 3, "the interrupted, resumed and merge W&B runs were scanned"
+
+
+def assert_no_sentinel_anywhere(folder, printed: str, holding: list[str]) -> None:
+    """Neither sentinel in any byte of any file under `folder` (binary ones too: pickled training arguments,
+    optimizer and RNG state, safetensors, W&B's transaction log) or any line printed. `holding`: files (relative to
+    `folder`) that must be among those scanned."""
+    files = [path for path in folder.rglob("*") if path.is_file()]
+    names = {path.relative_to(folder).as_posix() for path in files}
+    assert not set(holding) - names, sorted(names)
+    for value in SENTINELS.values():
+        assert value not in printed
+        for path in files:
+            assert value.encode() not in path.read_bytes(), path
 
 
 def test_stop_on_signal_sets_the_control_flags_at_the_next_step_end(capfd):
