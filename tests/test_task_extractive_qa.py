@@ -18,7 +18,7 @@ from qlora_pipeline.recipe import load_recipe
 from qlora_pipeline.tasks import extractive_qa as qa
 from qlora_pipeline.tasks.metrics.squad import exact_match, normalize_answer, squad_scores, token_f1
 
-F1_MARGIN = 4.5  # see test_training_beats_the_untrained_model_on_held_out_questions
+F1_MARGIN = 4.5  # see test_training_learns_to_abstain_on_unanswerable_questions_not_to_read
 TINY_QA_RECIPE = REPO / "recipes" / "tiny-bert-squad-qa.yaml"
 SQUAD_DEV = SHARED_DATA / "squad" / "dev-v2.0.json"
 
@@ -367,7 +367,9 @@ class WeightWatch:
 
 
 @pytest.mark.slow
-def test_training_beats_the_untrained_model_on_held_out_questions(tmp_path):
+def test_training_learns_to_abstain_on_unanswerable_questions_not_to_read(tmp_path):
+    """What the tiny recipe's F1 gain is made of, asserted as docs/recipe-bert-extractive-qa.md states it: the
+    unanswerable questions (NoAns), not the answerable ones (HasAns)."""
     from qlora_pipeline.stages import train
 
     watch = WeightWatch()
@@ -377,10 +379,16 @@ def test_training_beats_the_untrained_model_on_held_out_questions(tmp_path):
     before, after = summary["task_metrics"]["before"], summary["task_metrics"]["after"]
     # Measured with this recipe (3 epochs, 99 steps) at seeds 42 / 1 / 2 (each seed also draws its own held-out
     # questions): F1 6.56 → 16.00, 7.00 → 24.00, 2.68 → 24.00, gains of 9.4 / 17.0 / 21.3 points. The random tiny
-    # BERT learns when a window holds no answer (NoAns_exact 0 → 100), not reading: HasAns_f1 falls to 0.
+    # BERT learns when a window holds no answer (NoAns_exact 0 → 100), not reading: HasAns_f1 falls to 0. Trained
+    # on the answerable questions alone (no abstaining to learn) it did not read either: F1 1.91 → 2.26 (seed 42).
     # The margin is about half the smallest gain.
     assert after["f1"] - before["f1"] >= F1_MARGIN, (before, after)
-    assert after["n"] == before["n"] == 25 and after["NoAns_n"] > 0
+    assert after["n"] == before["n"] == 25 and after["NoAns_n"] > 0 and after["HasAns_n"] > 0
+    assert after["NoAns_exact"] - before["NoAns_exact"] >= 50, (before, after)
+    # The gain is the abstentions': F1 is the NoAns share times NoAns F1 plus the HasAns share times HasAns F1.
+    share = after["NoAns_n"] / after["n"]
+    assert after["f1"] == pytest.approx(share * after["NoAns_f1"] + (1 - share) * after["HasAns_f1"])
+    assert after["HasAns_f1"] <= before["HasAns_f1"] + F1_MARGIN, "it reads now: update the docs' claim"
     # The base stays as it was (4-bit weights included); every LoRA B matrix and the head's trained copy moved.
     frozen = [name for name, trainable in watch.trainable.items() if not trainable]
     assert any(".base_layer." in name for name in frozen) and not any(watch.changed[name] for name in frozen)

@@ -225,7 +225,10 @@ def _recipe(tmp_path, **changes):
 # 0.0 → 11.90 (seed 42), 0.0 → 15.76 (seed 1), 0.0 → 4.56 (seed 2; the seed also draws the held-out rows), and
 # 0.0 → 10.12 for seed 42 with two threads (other float rounding, other greedy tokens). The untrained model writes
 # no symptom at all; the trained one answers every forward question with the commonest symptoms ("fever,
-# fatigue"), so F1 moves in steps of a few points. 3 points sits under the worst seed.
+# fatigue"), so F1 moves in steps of a few points. With two threads: 10.12, 9.24, 6.47, 7.00 (seeds 42, 1, 2, 3);
+# 20 epochs (14.29, 12.82, 7.81, 7.56) or 30% held out (6.91, 12.81, 6.28, 8.14) did not narrow the spread (see
+# docs/recipe-distilgpt2-symptoms.md, "How strong the claim is"). 3 points sits under the smallest of all eleven
+# runs: the test proves the model learned to answer with real symptoms (before: 0 at every seed), not how much.
 F1_MARGIN = 3.0
 
 
@@ -236,6 +239,7 @@ def test_tiny_recipe_learns_symptoms(tmp_path):
 
     summary = train.run(load_recipe(_recipe(tmp_path)))
     before, after = summary["task_metrics"]["before"], summary["task_metrics"]["after"]
+    assert before["symptom_f1"] == 0 and before["symptom_precision"] == 0, before
     assert after["symptom_f1"] >= before["symptom_f1"] + F1_MARGIN, (before, after)
     # Both directions were held out and scored: the sample asks every disease both ways.
     assert after["n_forward"] > 0 and after["n_reverse"] > 0

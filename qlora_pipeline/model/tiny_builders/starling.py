@@ -88,9 +88,10 @@ STARLING_SHAPES = {
 }
 
 
-def build_starling_shaped(folder: Path, name: str) -> None:
-    """The Starling shape `name` (STARLING_SHAPES), tokenizer and random weights, into `folder`."""
-    shape = STARLING_SHAPES[name]
+def build_starling_shaped(folder: Path, name: str, shape: dict | None = None) -> None:
+    """The Starling shape `name` (STARLING_SHAPES, or `shape` given in the same keys), tokenizer and random weights,
+    into `folder`."""
+    shape = shape or STARLING_SHAPES[name]
     import torch
     from transformers import GenerationConfig, MistralConfig, MistralForCausalLM
 
