@@ -137,7 +137,7 @@ def test_longer_sequences_and_bigger_batches_cost_more(starling):
 
 def test_labelled_share_is_read_from_local_data(tiny_plan_recipe):
     result = plan.predict(load_recipe(tiny_plan_recipe), device="cpu")
-    assert "expected worst of the run's" in result.labelled_source, result.labelled_source
+    assert "worst of the run's" in result.labelled_source and "(90% confidence)" in result.labelled_source
     assert 0 < result.labelled_fraction < 1  # the MedTuned sample's answers are a fraction of each row
     full = plan.predict(load_recipe(tiny_plan_recipe), device="cpu", labelled_fraction=1.0)
     assert full.logits > result.logits
@@ -199,3 +199,16 @@ def test_bad_input_is_one_error_line(cli_in_process, args, fragment):
     result = cli_in_process("plan", *args)
     assert result.returncode == 2
     assert_clean_error(result, fragment)
+
+
+def test_the_worst_batch_is_planned_at_its_confidence_not_its_expectation():
+    from qlora_pipeline.plan.label_share import worst_of
+
+    samples = list(range(1, 101))  # one batch's labelled columns: 1..100, equally likely
+    assert worst_of(samples, 1, 0.9) == 90  # one batch: its 90th percentile
+    # Five batches: the largest stays at or under x with probability (x/100)^5 >= 0.9, so x = 98 (0.98^5 = 0.904).
+    assert worst_of(samples, 5, 0.9) == 98
+    assert worst_of(samples, 1000, 0.9) == 100  # a long run meets the worst batch the data has
+    # A heavy tail (9 in 10 batches light): the expected maximum of 5 (about 47) would be exceeded about 4 times in 10.
+    tail = [10] * 90 + [100] * 10
+    assert worst_of(tail, 5, 0.9) == 100
