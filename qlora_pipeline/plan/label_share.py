@@ -43,8 +43,8 @@ def estimate_label_share(recipe, rows: int, length: int, cache: dict | None = No
     the recipe) drawn from the first LABEL_SAMPLE_EXAMPLES training examples, as the pipeline's own code tokenizes,
     templates, masks and packs them, give the distribution of one batch; the largest of as many batches as the run
     trains on stays at or under `worst_of` with probability WORST_BATCH_CONFIDENCE. A short run meets fewer batches,
-    so its worst one is milder. Raises PipelineError where the data or tokenizer cannot be had locally. `cache` keeps the tokenized rows
-    by length, for planning many batch sizes."""
+    so its worst one is milder. Raises PipelineError where the data or tokenizer cannot be had locally. `cache`
+    keeps the tokenized rows by length, for planning many batch sizes."""
     import numpy as np
 
     name = recipe.data.dataset_name
