@@ -184,8 +184,8 @@ def load_examples(name: str, recipe, tokenizer=None) -> data_mod.RowSource:
         )
     if problems.repaired:
         notes.append(
-            f"{resolved}: {len(problems.repaired)} answers realigned: answer_start moved onto the answer's text "
-            f"(whitespace around the text trimmed); first: {_describe_record(problems.repaired[0])}"
+            f"{resolved}: {len(problems.repaired)} answers realigned: answer_start moved onto the answer's text, "
+            f"whitespace around the text trimmed; first: {_describe_record(problems.repaired[0])}"
         )
     return data_mod.RowSource(dataset, str(resolved), wheres, rows_read, records, notes, problems.repaired)
 
