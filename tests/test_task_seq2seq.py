@@ -138,7 +138,7 @@ def test_inputs_over_max_length_follow_overlong_and_are_counted(tmp_path):
         _recipe(tmp_path, dataset_name=str(data), eval_split_size=0, max_length=32, overlong="drop")
     )
     assert dropped.train.stats()["examples"] == 4 and dropped.train.dropped == 1
-    assert dropped.accounting == {"rows_read": 5, "skipped": 0, "unused": 0}
+    assert dropped.accounting == {"rows_read": 5, "skipped": 0, "unused": 0, "repaired": {}}
 
     with pytest.raises(DataError, match=rf"{data}:6: input of \d+ tokens .* over max_length 32 \(overlong: error"):
         task.prepare_data(_recipe(tmp_path, dataset_name=str(data), eval_split_size=0, max_length=32, overlong="error"))
