@@ -17,6 +17,7 @@ import time
 import pytest
 from conftest import REPO, SENTINELS, run_cli, write_recipe
 from safetensors.torch import load_file
+from test_tracking import history_and_config
 from transformers import TrainerControl, TrainerState
 
 from qlora_pipeline.errors import PipelineError
@@ -160,8 +161,14 @@ def test_sigterm_saves_a_checkpoint_and_resume_ends_with_the_uninterrupted_adapt
     printed += merged.stdout + merged.stderr + dry_run.stdout + dry_run.stderr
     exported = ["merged/model.safetensors", "merged/README.md", "adapter/adapter_model.safetensors", "summary.json"]
     assert_no_sentinel_anywhere(tmp_path, printed, holding=[f"run/{name}" for name in exported])
-    offline_runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(offline_runs) == 3, "the interrupted, resumed and merge W&B runs were scanned"
+    # W&B: the interrupted run, its resumption and the merge are one run (one id), three offline folders to sync;
+    # the merge logged its fidelity figures into it.
+    offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    run_id = json.loads((run_dir / "summary.json").read_text())["tracking"]["run_id"]
+    assert len(offline_runs) == 3 and all(folder.name.endswith(run_id) for folder in offline_runs), offline_runs
+    _, _, merge_summary = history_and_config(offline_runs[-1])
+    fidelity = json.loads((run_dir / "merged" / "fidelity.json").read_text())
+    assert merge_summary["merge/max_abs_logit_diff"] == pytest.approx(fidelity["max_abs_logit_diff"])
 
 
 def assert_no_sentinel_anywhere(folder, printed: str, holding: list[str]) -> None:
