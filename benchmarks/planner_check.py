@@ -30,11 +30,14 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from qlora_pipeline.cli.spelling import ArgumentParser
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import throughput  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+from qlora_pipeline.cli.spelling import ArgumentParser  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = REPO / "recipes" / "tiny-starling-medtuned-qlora.yaml"
@@ -104,14 +107,10 @@ def write_recipe(case: str, model: Path, scratch: Path) -> Path:
     return path
 
 
-def resident_mib() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def measure(case: str, scratch: Path) -> dict:
     """In this (fresh) process: build the trainer as `train` does, then the growth of the resident set over
     trainer.train(), and the planner's prediction for the same recipe."""
-    import gc
+    import torch
 
     from qlora_pipeline import plan
     from qlora_pipeline.recipe import load_recipe
@@ -123,23 +122,15 @@ def measure(case: str, scratch: Path) -> dict:
     predicted = plan.predict(load_recipe(path))
     recipe = load_recipe(path)
     trainer, _ = train.build_trainer(recipe, prepare_data(recipe))
-    gc.collect()
-    before = peak = resident_mib()
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.wait(0.002):
-            peak = max(peak, resident_mib())
-
-    sampler = threading.Thread(target=sample, daemon=True)
+    sampler = throughput.PeakSampler()  # gc.collect(), then the resident set every 2 ms (CUDA: its peak counter)
     sampler.start()
     started = time.time()
     trainer.train()
-    done.set()
-    sampler.join()
-    peak = max(peak, resident_mib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    measured = peak - before
+    sampler.stop()
+    peak = sampler.peak
+    if not torch.cuda.is_available():  # as in the calibration: ru_maxrss too, in case a peak fell between samples
+        peak = max(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    measured = peak - sampler.before
     growth = predicted.training_growth / 2**20
     return {
         "case": case,

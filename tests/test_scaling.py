@@ -62,10 +62,12 @@ def _launch_command(config: str, *args: str, script: Path | None = None) -> list
     ]
 
 
-def launch(config: str, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file launch/CONFIG -m qlora_pipeline ARGS`, as a user runs it."""
+def launch(
+    config: str, *args: str, env: dict | None = None, timeout: int = 600, script: Path | None = None
+) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file launch/CONFIG -m qlora_pipeline ARGS` (or `script ARGS`), as a user runs it."""
     return subprocess.run(
-        _launch_command(config, *args),
+        _launch_command(config, *args, script=script),
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -330,8 +332,7 @@ def ddp_run(tmp_path_factory) -> dict:
     recipe = write_recipe(root / "recipe.yaml", output_dir=str(root / "run"))
     # A fresh cache: both ranks reach the embedded model's first build at once, as on a new machine.
     env = {"QLORA_PIPELINE_CACHE": str(root / "cache"), "RANK_AUDIT_DIR": str(root / "audit")}
-    command = _launch_command("cpu/ddp.yaml", str(recipe), *DDP_ARGS, "--save_strategy", "no", script=RANK_AUDIT)
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**os.environ, **env}, timeout=600)
+    result = launch("cpu/ddp.yaml", str(recipe), *DDP_ARGS, "--save_strategy", "no", env=env, script=RANK_AUDIT)
     assert result.returncode == 0, result.stderr[-4000:]
     audit = {
         rank: [json.loads(line) for line in (root / "audit" / f"rank-{rank}.jsonl").read_text().splitlines()]
@@ -456,10 +457,11 @@ def test_ddp_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapter(
     steps): model, optimizer, scheduler, each rank's RNG and the sharded data order all restored."""
     recipe = write_recipe(tmp_path / "recipe.yaml", output_dir=str(tmp_path / "run"))
     args = ("train", str(recipe), *DDP_ARGS, "--save_strategy", "steps", "--save_steps", "2")
+    cache = {"QLORA_PIPELINE_CACHE": ddp_run["env"]["QLORA_PIPELINE_CACHE"]}  # the reference run's built model
     process = subprocess.Popen(
         _launch_command("cpu/ddp.yaml", *args),
         cwd=REPO,
-        env={**os.environ, "QLORA_PIPELINE_CACHE": ddp_run["env"]["QLORA_PIPELINE_CACHE"]},
+        env={**os.environ, **cache},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -473,9 +475,7 @@ def test_ddp_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapter(
     killed_at = max(int(path.name.split("-")[1]) for path in checkpoints(tmp_path / "run")[0])
     assert killed_at < DDP_STEPS and not (tmp_path / "run" / "summary.json").exists(), "killed before it finished"
 
-    resumed = launch(
-        "cpu/ddp.yaml", *args, "--resume", env={"QLORA_PIPELINE_CACHE": ddp_run["env"]["QLORA_PIPELINE_CACHE"]}
-    )
+    resumed = launch("cpu/ddp.yaml", *args, "--resume", env=cache)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     summary = _summary(tmp_path / "run")
     assert summary["launcher"]["distributed_type"] == "MULTI_CPU" and summary["processes"] == 2

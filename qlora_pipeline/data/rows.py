@@ -485,11 +485,11 @@ def _note_columns_and_skips(source: RowSource, present: list[str], data_args, sp
         )
 
 
-def write_skipped(path: str | os.PathLike, skipped: list[dict]) -> None:
+def write_records(path: str | os.PathLike, records: list[dict]) -> None:
     """skipped_rows.jsonl: one {"file", "line", "reason"} object per row left out (with "row" where lines are
     unknown); repaired_rows.jsonl, the same for each slip fixed in a kept row (with its "fix")."""
     with open(path, "w", encoding="utf-8") as handle:
-        for record in skipped:
+        for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 

@@ -172,10 +172,10 @@ def record_data(recipe: Recipe, prepared: PreparedData, run_dir: Path, main_proc
     if main_process:
         recipe.save(run_dir / "recipe.yaml")
         if prepared.skipped:
-            data_rows.write_skipped(run_dir / data_rows.SKIPPED_FILE, prepared.skipped)
+            data_rows.write_records(run_dir / data_rows.SKIPPED_FILE, prepared.skipped)
             print(f"note: the {len(prepared.skipped)} skipped rows are listed in {run_dir / data_rows.SKIPPED_FILE}")
         if prepared.repaired:
-            data_rows.write_skipped(run_dir / data_rows.REPAIRED_FILE, prepared.repaired)
+            data_rows.write_records(run_dir / data_rows.REPAIRED_FILE, prepared.repaired)
             print(f"note: the {len(prepared.repaired)} repairs are listed in {run_dir / data_rows.REPAIRED_FILE}")
     return notes
 

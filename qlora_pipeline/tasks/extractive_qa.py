@@ -321,7 +321,7 @@ def _check_squad_question(qa, context, seen: dict, where: data_mod.Where):
             return None, [], f"answer {number}: expected {{text, answer_start}}, got {data_mod.kind_of(answer)}"
     texts = [answer.get("text") for answer in answers]
     starts = [answer.get("answer_start") for answer in answers]
-    return align_answers(texts, starts, context, "")
+    return align_answers(texts, starts, context)
 
 
 def _text_problem(row: dict, column: str) -> str | None:
@@ -346,18 +346,18 @@ def _id_problem(value, seen: dict, where: data_mod.Where) -> str | None:
     return None
 
 
-def align_answers(texts: list, starts: list, context: str, prefix: str):
-    """(answers {text, answer_start}, the realignments made, None), or (None, [], the first answer's problem).
-    `prefix` goes before "answer N" in both (the flat rows' column name)."""
+def align_answers(texts: list, starts: list, context: str):
+    """(answers {text, answer_start}, the realignments made, None), or (None, [], the first answer's problem); each
+    realignment and problem starts with "answer N: "."""
     aligned, fixes = {"text": [], "answer_start": []}, []
     for number, (text, start) in enumerate(zip(texts, starts)):
         text_start, fix, problem = align_answer(text, start, context)
         if problem:
-            return None, [], f"{prefix}answer {number}: {problem}"
+            return None, [], f"answer {number}: {problem}"
         aligned["text"].append(text_start[0])
         aligned["answer_start"].append(text_start[1])
         if fix:
-            fixes.append(f"{prefix}answer {number}: {fix}")
+            fixes.append(f"answer {number}: {fix}")
     return aligned, fixes, None
 
 
@@ -469,8 +469,8 @@ def _flat_answers(value, context: str, column: str):
         return None, [], f"'{column}': text and answer_start must be lists"
     if len(texts) != len(starts):
         return None, [], f"'{column}': {len(texts)} texts but {len(starts)} answer_start values"
-    answers, fixes, problem = align_answers(texts, starts, context, f"'{column}' ")
-    return answers, [fix.removeprefix(f"'{column}' ") for fix in fixes], problem
+    answers, fixes, problem = align_answers(texts, starts, context)
+    return answers, fixes, problem and f"'{column}' {problem}"
 
 
 def check_question_lengths(rows, wheres, tokenizer, recipe, problems: _Problems) -> list[int]:
