@@ -6,6 +6,10 @@ BIN := $(VENV)/bin
 # (on the project's build machines torch==2.13.0 is the CPU build, on local disk).
 TORCH_INDEX ?=
 
+# GGUF=0 skips the gguf extra (llama-cpp-python compiles llama.cpp: about 7 minutes on 2 cores, once); its tests
+# then skip and say why.
+GGUF ?= 1
+
 .PHONY: setup demo test
 setup: $(VENV)/.installed
 
@@ -24,6 +28,12 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/qlora-pipeline train recipes/tiny-starling-medtuned-qlora.yaml --overwrite
 
-# The test suite, offline. Tests marked shared_data use ../shared/data when it is there and say why they skip if not.
-test: setup
+$(VENV)/.gguf-installed: $(VENV)/.installed
+	@echo "installing the gguf extra: llama-cpp-python builds llama.cpp from source (about 7 minutes on 2 cores, once)"
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -e ".[dev,gguf]"
+	touch $@
+
+# The test suite, offline. Tests marked shared_data use ../shared/data when it is there and say why they skip if not;
+# the GGUF tests need the gguf extra (GGUF=0 leaves it out) and Go for Ollama's template engine (.ci/run installs it).
+test: setup $(if $(filter 1,$(GGUF)),$(VENV)/.gguf-installed)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra --durations=15

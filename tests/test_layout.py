@@ -19,8 +19,8 @@ PACKAGE = REPO / "qlora_pipeline"
 # secrets, sizes) are the floor every layer stands on. The planner reads recipe, data, model and tasks, and the
 # train stage asks it for the `auto` settings.
 LAYERS = [
-    *("errors", "cache", "secrets", "sizes"),
-    *("recipe", "data", "model", "training", "tasks", "plan", "outputs", "stages"),
+    *("errors", "cache", "secrets", "sizes", "gguf_types"),
+    *("recipe", "data", "model", "training", "tasks", "local_runtimes", "plan", "outputs", "stages"),
 ]
 TOP = ("cli", "__main__")
 REGISTRY_STRING = re.compile(r"^(qlora_pipeline(?:\.\w+)+):\w+$")

@@ -56,7 +56,7 @@ def command(name: str):
         return plan
     from qlora_pipeline.cli import commands
 
-    return getattr(commands, name)
+    return getattr(commands, name.replace("-", "_"))
 
 
 def quiet_libraries() -> None:

@@ -54,10 +54,44 @@ def merge(args, extra: list[str]) -> int:
             overrides += [f"--{key}", str(value)]
     from qlora_pipeline.model.adapters import locate
 
-    locate(args.run)  # a wrong path is reported before the heavy imports
+    source = locate(args.run)  # a wrong path is reported before the heavy imports
+    from qlora_pipeline.recipe import load_recipe
     from qlora_pipeline.stages.merge import merge as merge_run
 
-    merge_run(args.run, overrides, out=args.out, overwrite=args.overwrite)
+    quant_types = load_recipe(source.recipe_path, overrides).export.gguf_quant_types
+    if quant_types:  # the recipe asks for GGUF files in the same step
+        from qlora_pipeline.local_runtimes.requirements import require_gguf_packages
+
+        require_gguf_packages()  # before a merge whose files could not be written
+    report = merge_run(args.run, overrides, out=args.out, overwrite=args.overwrite)
+    if quant_types:
+        from pathlib import Path
+
+        from qlora_pipeline.stages import export_gguf as gguf_stage
+
+        print(f"\n== gguf_quant_types: {', '.join(quant_types)} ==")
+        export_dir = Path(report["export_dir"])
+        gguf_stage.export_gguf(
+            gguf_stage.check_request(export_dir, source.recipe_path, None, None, args.overwrite, overrides)
+        )
+    return 0
+
+
+def export_gguf(args, extra: list[str]) -> int:
+    """GGUF files from a run's merged export; a run without one is merged first (with the recipe's settings)."""
+    from qlora_pipeline.local_runtimes.requirements import require_gguf_packages
+    from qlora_pipeline.stages import export_gguf as gguf_stage
+
+    require_gguf_packages()  # before anything else: the plain install lacks the extra
+    overrides = [*extra, *(["--merge_fidelity_prompts", str(args.prompts)] if args.prompts is not None else [])]
+    export_dir, recipe_path = gguf_stage.locate_export(args.run)
+    request = gguf_stage.check_request(export_dir, recipe_path, args.quant, args.out, args.overwrite, overrides)
+    if not (export_dir / "config.json").is_file():
+        from qlora_pipeline.stages.merge import merge as merge_run
+
+        print(f"== {args.run} has no merged export: merging first ==")
+        merge_run(args.run, overrides)
+    gguf_stage.export_gguf(request)
     return 0
 
 

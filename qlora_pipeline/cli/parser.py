@@ -64,17 +64,35 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--max-logit-diff", type=float, help="fail if any logit moves by more than this")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
 
+    gguf = commands.add_parser(
+        "export-gguf",
+        help="write GGUF files for llama.cpp and Ollama from a merged export, each checked by llama.cpp",
+        description="Write GGUF files (one per type) and an Ollama Modelfile from a run's merged export (merging "
+        "first when the run has none), then check every file in llama.cpp against the export: tokenization token "
+        "for token, logits, perplexity and greedy generations. Needs pip install 'qlora-pipeline[gguf]'.",
+    )
+    gguf.add_argument("run", help="run folder (its merged/ export; merged first if missing) or merged export folder")
+    gguf.add_argument(
+        "--quant",
+        help="comma-separated GGUF types, e.g. f16,q8_0,q4_k_m (default: the recipe's gguf_quant_types, else f16)",
+    )
+    gguf.add_argument("--out", help="folder for the files (default: RUN/gguf, or the recipe's gguf_output_dir)")
+    gguf.add_argument("--prompts", type=int, help="held-out examples in the llama.cpp check (default 8)")
+    gguf.add_argument("--overwrite", action="store_true", help="replace an existing GGUF folder")
+    gguf.set_defaults(takes_overrides=True)  # --gguf_* recipe keys, e.g. --gguf_quantized_max_ppl_increase 0.05
+
     publish = commands.add_parser(
         "publish",
-        help="upload a merged export (or a LoRA adapter) to the Hugging Face Hub",
-        description="Check a merged export (or, with --adapter-only, a LoRA adapter) offline, then upload it to the "
+        help="upload a merged export, a GGUF folder (or a LoRA adapter) to the Hugging Face Hub",
+        description="Check a merged export, a GGUF folder from export-gguf (publish it to a sibling repo, e.g. "
+        "OWNER/NAME-GGUF) or, with --adapter-only, a LoRA adapter offline, then upload it to the "
         "Hub. The token comes from HF_TOKEN or `hf auth login`. Exit 3: the Hub could not be reached or refused "
         "the upload; the folder is untouched and the same command publishes it again.",
     )
     publish.add_argument(
         "folder",
         metavar="DIR",
-        help="merged export, adapter folder, or run folder (its merged/, or adapter/ with --adapter-only)",
+        help="merged export, GGUF folder, adapter folder, or run folder (its merged/, or adapter/ with --adapter-only)",
     )
     publish.add_argument("--repo-id", required=True, metavar="OWNER/NAME", help="Hub repo (created if missing)")
     publish.add_argument(

@@ -178,7 +178,7 @@ def build_card(
         base=base,
         method="QLoRA (LoRA on a 4-bit NF4 base)" if recipe.model.load_in_4bit else "LoRA",
         use_peft=bool(values.get("use_peft")),
-        base_reference=_base_reference(recipe),
+        base_reference=base_reference(recipe),
         dataset=display_name(dataset_name),
         template_name=recipe.data.template,
         version=__version__,
@@ -213,7 +213,7 @@ def _tags(kind: str, recipe: Recipe, values: dict) -> list[str]:
     return tags
 
 
-def _base_reference(recipe: Recipe) -> str:
+def base_reference(recipe: Recipe) -> str:
     name = recipe.model.model_name_or_path
     if is_hub_id(name):
         return f"[{name}](https://huggingface.co/{name})"

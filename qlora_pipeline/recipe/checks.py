@@ -110,6 +110,22 @@ def check_combinations(values: dict[str, Any], origin: dict[str, str]) -> list[s
         fail("merge_fidelity_prompts", f"must be at least 1, got {values['merge_fidelity_prompts']}")
     if values["merge_max_ppl_increase"] < 0:
         fail("merge_max_ppl_increase", f"must be 0 or more, got {values['merge_max_ppl_increase']}")
+    if values["gguf_quant_types"]:
+        from qlora_pipeline.errors import PipelineError
+        from qlora_pipeline.gguf_types import parse_quant_types
+
+        if values["task"] != "causal_lm":
+            fail("gguf_quant_types", f"GGUF files are written for causal language models, not task '{values['task']}'")
+        try:
+            parse_quant_types(values["gguf_quant_types"])
+        except PipelineError as exc:
+            fail("gguf_quant_types", str(exc).split(": ", 1)[1])
+    for key in ("gguf_max_ppl_increase", "gguf_quantized_max_ppl_increase"):
+        if values[key] < 0:
+            fail(key, f"must be 0 or more, got {values[key]}")
+    for key in ("gguf_min_top1_agreement", "gguf_quantized_min_top1_agreement"):
+        if not 0 <= values[key] <= 1:
+            fail(key, f"must be a share between 0 and 1, got {values[key]}")
     size = values["eval_split_size"]
     if not (size == 0 or 0 < size < 1 or (size >= 1 and size == int(size))):
         fail("eval_split_size", f"must be 0, a share between 0 and 1, or a whole row count; got {size}")

@@ -227,6 +227,36 @@ class ExportArguments:
         default=None,
         metadata={"help": "License for the model card; default: the base model's, read from its card."},
     )
+    gguf_quant_types: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "GGUF files for llama.cpp and Ollama that `merge` also writes (f32, f16, bf16, q8_0, q6_k, "
+            "q5_k_m, q4_k_m, ...), each checked by llama.cpp; also the default of export-gguf --quant (else f16)."
+        },
+    )
+    gguf_output_dir: str | None = field(
+        default=None, metadata={"help": "Where the GGUF files and the Modelfile go; default: the run folder's gguf/."}
+    )
+    gguf_max_ppl_increase: float = field(
+        default=0.01,
+        metadata={
+            "help": "A 16- or 32-bit GGUF file fails (nothing is written) if llama.cpp's perplexity of the reference "
+            "answers exceeds the merged export's by more than this share."
+        },
+    )
+    gguf_min_top1_agreement: float = field(
+        default=0.98,
+        metadata={
+            "help": "A 16- or 32-bit GGUF file fails if llama.cpp's top token agrees with the export's at "
+            "fewer than this share of positions."
+        },
+    )
+    gguf_quantized_max_ppl_increase: float = field(
+        default=0.10, metadata={"help": "gguf_max_ppl_increase for quantized files (q8_0, q4_k_m, ...)."}
+    )
+    gguf_quantized_min_top1_agreement: float = field(
+        default=0.70, metadata={"help": "gguf_min_top1_agreement for quantized files."}
+    )
 
 
 @dataclass

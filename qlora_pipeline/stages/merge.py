@@ -22,19 +22,16 @@ the merge dtype plus the LoRA weights (printed before loading).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import json
 import os
-import shutil
 from pathlib import Path
 
-from safetensors import SafetensorError
-
-from qlora_pipeline.errors import PipelineError, first_line
+from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.model import loading
 from qlora_pipeline.model.adapters import TrainedAdapter, attach_adapter, check_adapter_base, locate
+from qlora_pipeline.outputs.staging import staged_folder
 from qlora_pipeline.recipe import Recipe, load_recipe
 from qlora_pipeline.tasks import get_task, prepare_data
 
@@ -74,7 +71,7 @@ def merge(
     reference = probe.measure(task.load_trained(recipe, prepared, source.adapter_dir), "reference")
     free_memory()
 
-    with staged_export(export_dir) as staging:
+    with staged_folder(export_dir, "merge") as staging:
         # 4. Merge, and save into a temporary folder beside the target.
         print(f"[2/4] merge: adapter into the {base_mode} base weights in {dtype_name}")
         merged = merged_model(task, recipe, prepared, source.adapter_dir, base_mode, dtype_name)
@@ -171,44 +168,6 @@ def merge_dtype_name(recipe: Recipe, config) -> str:
         return choice
     published = str(getattr(config, "dtype", None) or "").replace("torch.", "")
     return {v: k for k, v in DTYPES.items()}.get(published, "fp16")
-
-
-@contextlib.contextmanager
-def staged_export(export_dir: Path):
-    """A hidden folder beside `export_dir` to write the export into. When the block ends without an error it is
-    renamed into place (`_install`); otherwise it is removed, so an interrupted or failed merge never leaves a folder
-    that looks complete. A full disk, a quota or a read-only folder ends it in one line."""
-    staging = export_dir.parent / f".{export_dir.name}.partial-{os.getpid()}"
-    try:
-        export_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        yield staging
-        _install(staging, export_dir)
-    except (OSError, SafetensorError) as exc:
-        raise PipelineError(
-            f"merge: could not write the export {export_dir}: {describe_os_error(exc)}; nothing was exported"
-        ) from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already once installed
-
-
-def _install(staging: Path, export_dir: Path) -> None:
-    """Rename the finished staging folder into place (an existing export is replaced only after that)."""
-    if export_dir.exists():
-        retired = export_dir.parent / f".{export_dir.name}.replaced-{os.getpid()}"
-        export_dir.rename(retired)
-        staging.rename(export_dir)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        staging.rename(export_dir)
-
-
-def describe_os_error(exc: Exception) -> str:
-    """'File too large (path)' from an OSError; safetensors' own I/O error (not an OSError) as it words it."""
-    if isinstance(exc, OSError):
-        where = f" ({exc.filename})" if exc.filename else ""
-        return f"{exc.strerror or exc}{where}"
-    return first_line(exc)
 
 
 def print_memory_plan(config, dtype_name: str, quantized: bool) -> None:

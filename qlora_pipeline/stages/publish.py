@@ -1,4 +1,4 @@
-"""Publish: upload a merged export (or, with adapter_only, a LoRA adapter) to the Hugging Face Hub.
+"""Publish: upload a merged export, a GGUF folder (export-gguf) or, with adapter_only, a LoRA adapter to the Hub.
 
 Everything is checked offline first, so a bad folder never reaches the network: the folder is complete for its
 kind, its weights are safetensors only (pickles — .bin, .pt, .pkl… — are refused), its model card is valid (see
@@ -26,6 +26,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Hidden files and folders (.git, .cache, editor files) are neither checked nor uploaded.
 HIDDEN_PATTERNS = [".*", "*/.*"]
 TOKENIZER_MODELS = ("tokenizer.json", "tokenizer.model")
+GGUF_MAGIC = b"GGUF"
+KIND_NAMES = {"merged": "merged model", "adapter": "LoRA adapter", "gguf": "GGUF files"}
+CARD_LIBRARY = {"merged": "transformers", "adapter": "peft", "gguf": "gguf"}
 NETWORK_ERROR_NAMES = {
     "TransportError",
     "NetworkError",
@@ -73,8 +76,7 @@ def publish(
         "commit_url": None,
     }
 
-    what = "merged model" if kind == "merged" else "LoRA adapter"
-    print(f"{'publish (dry run)' if dry_run else 'publish'}: {what} in {target}")
+    print(f"{'publish (dry run)' if dry_run else 'publish'}: {KIND_NAMES[kind]} in {target}")
     width = max(len(name) for name, _ in files)
     for name, size in files:
         print(f"  {name:<{width}}  {human_size(size):>10}")
@@ -117,7 +119,7 @@ def check_repo_id(repo_id: str) -> None:
 
 
 def resolve_folder(folder: Path, adapter_only: bool) -> tuple[Path, str]:
-    """The folder to upload and its kind ("merged" or "adapter") for DIR as given on the command line."""
+    """The folder to upload and its kind ("merged", "gguf" or "adapter") for DIR as given on the command line."""
     if not folder.exists():
         raise PipelineError(f"{folder}: no such folder")
     if not folder.is_dir():
@@ -134,6 +136,8 @@ def resolve_folder(folder: Path, adapter_only: bool) -> tuple[Path, str]:
         )
     if (folder / "config.json").is_file():
         return folder, "merged"
+    if any(folder.glob("*.gguf")):
+        return folder, "gguf"
     if (folder / "adapter_config.json").is_file():
         raise PipelineError(
             f"{folder}: this is a LoRA adapter, not a merged export; pass --adapter-only to publish the adapter, "
@@ -210,6 +214,13 @@ def check_folder(folder: Path, kind: str) -> list[tuple[str, int]]:
                 "must carry the tokenizer and chat template it was trained with"
             )
         _require_json(folder, "tokenizer_config.json", "")
+    elif kind == "gguf":
+        for name in sorted(n for n in names if n.endswith(".gguf")):
+            with open(folder / name, "rb") as handle:
+                if handle.read(4) != GGUF_MAGIC:
+                    raise PipelineError(f"{folder / name}: not a GGUF file (no GGUF magic); export it again")
+        if "Modelfile" not in names:
+            raise PipelineError(f"{folder}: no Modelfile beside the GGUF files; write them with export-gguf")
     else:
         _require_json(folder, "adapter_config.json", "a LoRA adapter needs its adapter_config.json")
         if "adapter_model.safetensors" not in names:
@@ -222,12 +233,12 @@ def check_folder(folder: Path, kind: str) -> list[tuple[str, int]]:
     if problems:
         more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
         raise PipelineError(problems[0] + more)
-    expected = "transformers" if kind == "merged" else "peft"
+    expected = CARD_LIBRARY[kind]
     library = _card_library(folder)
     if library != expected:
         raise PipelineError(
-            f"{folder / 'README.md'}: the model card says library_name {library!r}, but this folder is a "
-            f"{'merged model' if kind == 'merged' else 'LoRA adapter'} (library_name {expected!r})"
+            f"{folder / 'README.md'}: the model card says library_name {library!r}, but this folder holds "
+            f"{KIND_NAMES[kind]} (library_name {expected!r})"
         )
 
     secrets = machine_secrets()
@@ -297,8 +308,8 @@ def _file_holds(path: Path, secrets: dict[str, str]) -> str | None:
 def folder_notes(folder: Path, kind: str) -> list[str]:
     """Things worth knowing that do not stop a publish."""
     notes = []
-    if kind == "merged" and not (folder / "fidelity.json").is_file():
-        notes.append("no fidelity.json: the merge's fidelity check is not part of this export")
+    if kind in ("merged", "gguf") and not (folder / "fidelity.json").is_file():
+        notes.append("no fidelity.json: the fidelity check is not part of this export")
     if kind == "adapter":
         try:
             config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
@@ -341,7 +352,7 @@ def _upload(folder: Path, kind: str, repo_id: str, private: bool, revision: str 
             f"publish: no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access); "
             f"{untouched}"
         )
-    what = "merged model" if kind == "merged" else "LoRA adapter"
+    what = KIND_NAMES[kind]
     api = HfApi()  # the token comes from HF_TOKEN or the saved login; never passed or printed here
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
