@@ -1,8 +1,8 @@
 """GGUF export for llama.cpp and Ollama, checked by llama.cpp itself (llama-cpp-python, built from PyPI).
 
-One shared run: the pass-phrase run of conftest.merged_run, copied without its export, its recipe asking for
-`gguf_quant_types: [f16, q8_0]`, then `merge`: the merge and the GGUF files in one step. The tests read what that
-wrote, and load the files in llama.cpp themselves. The Modelfile's TEMPLATE is rendered with Go's text/template,
+One shared run: the pass-phrase run of conftest.merged_run, copied without its export, then
+`export-gguf RUN --quant f16,q8_0`, which merges first. The tests read what that wrote, and load the files in
+llama.cpp themselves. The Modelfile's TEMPLATE is rendered with Go's text/template,
 the engine Ollama renders it with (Debian's golang-go; .ci/run installs it).
 """
 
@@ -42,18 +42,19 @@ def _copy_run(run: Path, target: Path, with_export: bool) -> Path:
 
 @pytest.fixture(scope="module")
 def gguf_run(merged_run, tmp_path_factory):
-    """merge with gguf_quant_types in the recipe: the merged export, then RUN/gguf with the f16 and q8_0 files."""
+    """`export-gguf RUN --quant f16,q8_0` on a run with no merged export yet: the command merges first (fp32, as the
+    recipe's merge_dtype says), then writes RUN/gguf."""
     run = _copy_run(merged_run["run"], tmp_path_factory.mktemp("gguf") / "run", with_export=False)
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
-    recipe["gguf_quant_types"] = list(TYPES)
+    recipe["merge_dtype"] = "fp32"
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    result = run_cli("merge", str(run), "--dtype", "fp32", "--prompts", "4")
+    result = run_cli("export-gguf", str(run), "--quant", ",".join(TYPES), "--prompts", "4")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((run / "gguf" / "fidelity.json").read_text())
     return {"run": run, "folder": run / "gguf", "report": report, "stdout": result.stdout}
 
 
-def test_merge_writes_each_type_and_llama_cpp_agrees_with_the_export(gguf_run):
+def test_export_gguf_merges_writes_each_type_and_llama_cpp_agrees_with_the_export(gguf_run):
     """Each file, loaded in llama.cpp: the trainer's tokens for every prompt, one BOS; f16 gives the export's greedy
     generations and top token; q8_0's agreement is reported."""
     report, folder = gguf_run["report"], gguf_run["folder"]
@@ -68,6 +69,7 @@ def test_merge_writes_each_type_and_llama_cpp_agrees_with_the_export(gguf_run):
     assert 0.5 < q8["top1_agreement"] <= 1.0 and q8["max_abs_logit_diff"] > f16["max_abs_logit_diff"], q8
     # no source file left beside the asked-for ones (the export is fp32: the f32 file was the quantizer's source)
     assert sorted(p.name for p in folder.glob("*.gguf")) == sorted(r["file"] for r in report["files"].values())
+    assert "merging first" in gguf_run["stdout"] and (gguf_run["run"] / "merged" / "fidelity.json").is_file()
     assert "GGUF check" in gguf_run["stdout"] and "q8_0" in gguf_run["stdout"]
 
 
@@ -244,16 +246,19 @@ def test_write_failure_mid_file_leaves_nothing(merged_run, tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["adapter", "merged", "recipe.yaml", "summary.json"]
 
 
-def test_a_file_over_its_gate_fails_the_export_and_leaves_only_the_report(merged_run, tmp_path):
-    run = _export_copy(merged_run, tmp_path)
-    result = run_cli(
-        "export-gguf", str(run), "--quant", "q4_k_m", "--prompts", "2", "--gguf_quantized_min_top1_agreement", "1.0"
-    )
+def test_merge_with_gguf_types_in_the_recipe_fails_cleanly_when_a_file_misses_its_gate(merged_run, tmp_path):
+    """`gguf_quant_types` in the recipe: `merge` writes the export, then the GGUF files; a q4_k_m file held to 100%
+    top-1 agreement fails, and only the merged export and the failure report are left."""
+    run = _copy_run(merged_run["run"], tmp_path / "run", with_export=False)
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe.update(gguf_quant_types=["q4_k_m"], gguf_quantized_min_top1_agreement=1.0)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    result = run_cli("merge", str(run), "--dtype", "fp32", "--prompts", "2")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: export-gguf: q4_k_m failed the llama.cpp check"), line
     assert "top-1 agreement" in line and "nothing exported" in line
-    assert not (run / "gguf").exists()
+    assert (run / "merged" / "config.json").is_file() and not (run / "gguf").exists()
     failed = json.loads((run / "gguf.fidelity-failed.json").read_text())
     assert failed["files"]["q4_k_m"]["passed"] is False and "gguf.fidelity-failed.json" in line
     assert not [p for p in run.iterdir() if p.name.startswith(".")], "no staging folder left"
