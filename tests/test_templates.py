@@ -92,3 +92,49 @@ def test_embedded_tokenizer_matches_starlings_own_files(tmp_path, starling_token
         )
         assert list(got) == list(expected)
     assert real.chat_template == starling_tokenizer.chat_template
+
+
+# ---------------------------------------------------------------- the Ollama Modelfile's pieces (local_runtimes)
+
+CONVERSATION = [
+    {"role": "user", "content": "Name the gene."},
+    {"role": "assistant", "content": "BRCA1"},
+    {"role": "user", "content": "Is it a tumour suppressor?"},
+]
+
+
+@pytest.mark.parametrize("name", ["starling", "alpaca"])
+def test_modelfile_pieces_rebuild_the_training_text_of_a_conversation(starling_tokenizer, name):
+    from qlora_pipeline.local_runtimes import modelfile
+
+    template = get_template(name)
+
+    def render(messages, generation_prompt):
+        return template.render(starling_tokenizer, messages, generation_prompt)
+
+    bos = modelfile.leading_bos(render, starling_tokenizer.bos_token)
+    pieces = modelfile.turn_text(render, bos, name)
+    assert bos == "<s>" and pieces.render(CONVERSATION) == render(CONVERSATION, True)
+    go = modelfile.go_template(pieces)
+    assert "<s>" not in go, "llama.cpp adds the BOS token from the file, as training had it"
+    assert (pieces.system is not None) == (name == "starling"), "Starling writes a system turn, alpaca drops it"
+
+
+def test_a_template_that_is_not_one_wrapper_per_role_gets_no_modelfile(starling_tokenizer):
+    """A template that numbers the turns cannot be a fixed Go template: refused, not approximated."""
+    from qlora_pipeline.errors import PipelineError
+    from qlora_pipeline.local_runtimes import modelfile
+
+    numbered = PromptTemplate(
+        "numbered",
+        "{{ bos_token }}{% for m in messages %}Turn {{ loop.index }} {{ m['role'] }}: {{ m['content'] }}\n"
+        "{% endfor %}{% if add_generation_prompt %}Turn next assistant:{% endif %}",
+        "\n\n",
+        None,
+    )
+
+    def render(messages, generation_prompt):
+        return numbered.render(starling_tokenizer, messages, generation_prompt)
+
+    with pytest.raises(PipelineError, match="cannot be written as an Ollama template"):
+        modelfile.turn_text(render, modelfile.leading_bos(render, "<s>"), "numbered")

@@ -39,13 +39,19 @@ class TurnText:
         return text + (self.generation_prompt if add_generation_prompt else "")
 
 
-def turn_text(render, bos_token: str, template_name: str) -> TurnText:
+def leading_bos(render, bos_token: str | None) -> str:
+    """The BOS token's text where the training template writes it first (then llama.cpp must add the BOS token, as
+    training had it), else ''."""
+    text = render([{"role": "user", "content": MARKERS["user"][0]}], False)
+    return bos_token if bos_token and text.startswith(bos_token) else ""
+
+
+def turn_text(render, bos: str, template_name: str) -> TurnText:
     """The pieces of the training template. `render(messages, add_generation_prompt)` is the training rendering
-    (PromptTemplate.render with the export's tokenizer)."""
+    (PromptTemplate.render with the export's tokenizer); `bos` what it writes first (`leading_bos`)."""
     user_1, user_2 = ({"role": "user", "content": m} for m in MARKERS["user"])
     assistant_1 = {"role": "assistant", "content": MARKERS["assistant"][0]}
     one_user = render([user_1], False)
-    bos = bos_token if bos_token and one_user.startswith(bos_token) else ""
     user = _around(one_user[len(bos) :], user_1["content"], template_name)
     generation_prompt = render([user_1], True)[len(one_user) :]
     assistant = _around(render([user_1, assistant_1], False)[len(one_user) :], assistant_1["content"], template_name)
@@ -57,7 +63,7 @@ def turn_text(render, bos_token: str, template_name: str) -> TurnText:
     if pieces.render(conversation) != render(conversation, True):
         raise PipelineError(
             f"template '{template_name}': it does not write every message of a role the same way, so it cannot be "
-            f"written as an Ollama template; the GGUF files carry it as a chat template all the same"
+            f"written as an Ollama template (the GGUF files carry it as their chat template all the same)"
         )
     return pieces
 

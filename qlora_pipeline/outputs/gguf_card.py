@@ -14,7 +14,7 @@ from qlora_pipeline.outputs.names import display_name, is_hub_id, scrub
 TEMPLATE = Path(__file__).with_name("gguf_card_template.md")
 
 
-def build_gguf_card(recipe, report: dict, name: str, prompt_example: str) -> ModelCard:
+def build_gguf_card(recipe, report: dict, name: str, prompt_example: str, has_modelfile: bool = True) -> ModelCard:
     """The card for the files in `report` (export_gguf's fidelity report); `prompt_example`: one prompt as training
     rendered it."""
     from qlora_pipeline import __version__
@@ -46,6 +46,7 @@ def build_gguf_card(recipe, report: dict, name: str, prompt_example: str) -> Mod
         end_token=report["end_token"],
         first_file=files[0][1]["file"],
         ollama_name=name.lower(),
+        has_modelfile=has_modelfile,
         prompt_example=prompt_example,
     )
     return ModelCard(scrub(str(card).rstrip("\n") + "\n"))

@@ -104,13 +104,23 @@ def export_gguf(request: ExportRequest) -> dict:
     examples = check_examples(prepared, recipe)
     end_token = template.end_token_for(tokenizer)
     end_id = tokenizer.convert_tokens_to_ids(end_token)
-    pieces = modelfile.turn_text(lambda m, g: template.render(tokenizer, m, g), tokenizer.bos_token, template.name)
+
+    def render(messages: list[dict], generation_prompt: bool) -> str:
+        return template.render(tokenizer, messages, generation_prompt)
+
+    bos_text = modelfile.leading_bos(render, tokenizer.bos_token)
+    notes: list[str] = []
+    try:
+        pieces = modelfile.turn_text(render, bos_text, template.name)
+    except PipelineError as exc:  # the GGUF files do not need it: written without a Modelfile, and said so
+        pieces = None
+        notes.append(f"no Modelfile: {exc}")
     tokens = convert.TokenizerFacts(
         bos_id=tokenizer.bos_token_id,
         eos_id=end_id,
         unk_id=tokenizer.unk_token_id,
         pad_id=tokenizer.pad_token_id,
-        add_bos=bool(pieces.bos),
+        add_bos=bool(bos_text),
         chat_template=template.chat_template_for(tokenizer),
     )
 
@@ -127,7 +137,6 @@ def export_gguf(request: ExportRequest) -> dict:
         # 4. Write: the export's own precision first (the quantizer's source), then every other type asked for.
         print(f"[2/4] write: {', '.join(types)} into {out_dir}")
         files = {kind: staging / f"{name}-{kind}.gguf" for kind in dict.fromkeys([source_type, *types])}
-        notes: list[str] = []
         for kind in files:
             if kind in DIRECT:
                 convert.write_gguf(facts, tokens, files[kind], kind, name)
@@ -141,7 +150,7 @@ def export_gguf(request: ExportRequest) -> dict:
         print(f"[3/4] check: each file in llama.cpp against the export ({len(examples)} prompts)")
         results = {}
         for kind, file in files.items():
-            figures = check.llama_cpp_pass(file, examples, pieces.bos, end_id, max_new_tokens)
+            figures = check.llama_cpp_pass(file, examples, bos_text, end_id, max_new_tokens)
             results[kind] = {
                 "file": file.name,
                 "size_bytes": file.stat().st_size,
@@ -166,11 +175,13 @@ def export_gguf(request: ExportRequest) -> dict:
 
         # 6. Modelfile, report and card, then the rename that makes the folder visible.
         print("[4/4] Modelfile, fidelity.json, README.md")
-        (staging / "Modelfile").write_text(modelfile.modelfile_text(files[types[0]].name, pieces, end_token))
+        if pieces is not None:
+            (staging / "Modelfile").write_text(modelfile.modelfile_text(files[types[0]].name, pieces, end_token))
         (staging / "fidelity.json").write_text(json.dumps(report, indent=2))
         from qlora_pipeline.outputs.gguf_card import build_gguf_card
 
-        build_gguf_card(recipe, report, name, examples[0].prompt_text).save(staging / "README.md")
+        card = build_gguf_card(recipe, report, name, examples[0].prompt_text, has_modelfile=pieces is not None)
+        card.save(staging / "README.md")
     print(f"\nexported: {out_dir}")
     report["gguf_dir"] = str(out_dir)
     return report

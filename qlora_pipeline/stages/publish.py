@@ -219,8 +219,6 @@ def check_folder(folder: Path, kind: str) -> list[tuple[str, int]]:
             with open(folder / name, "rb") as handle:
                 if handle.read(4) != GGUF_MAGIC:
                     raise PipelineError(f"{folder / name}: not a GGUF file (no GGUF magic); export it again")
-        if "Modelfile" not in names:
-            raise PipelineError(f"{folder}: no Modelfile beside the GGUF files; write them with export-gguf")
     else:
         _require_json(folder, "adapter_config.json", "a LoRA adapter needs its adapter_config.json")
         if "adapter_model.safetensors" not in names:
@@ -310,6 +308,8 @@ def folder_notes(folder: Path, kind: str) -> list[str]:
     notes = []
     if kind in ("merged", "gguf") and not (folder / "fidelity.json").is_file():
         notes.append("no fidelity.json: the fidelity check is not part of this export")
+    if kind == "gguf" and not (folder / "Modelfile").is_file():
+        notes.append("no Modelfile: Ollama users write their own TEMPLATE")
     if kind == "adapter":
         try:
             config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
