@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,11 +32,16 @@ def embedded_cache(tmp_path_factory) -> Path:
 
 
 def run_cli(
-    *args: str, env: dict | None = None, timeout: int = 900, replace_env: bool = False
+    *args: str,
+    env: dict | None = None,
+    timeout: int = 900,
+    replace_env: bool = False,
+    file_size_limit: int | None = None,
 ) -> subprocess.CompletedProcess:
     """Run `python -m qlora_pipeline ARGS` as a user would; returns the finished process.
 
-    `env` adds to this process's environment, or with replace_env=True is the whole environment."""
+    `env` adds to this process's environment, or with replace_env=True is the whole environment. `file_size_limit`
+    (bytes): any write past it fails, as on a full disk (limit_file_size)."""
     full_env = dict(env or {}) if replace_env else {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "qlora_pipeline", *args],
@@ -43,6 +50,7 @@ def run_cli(
         env=full_env,
         cwd=REPO,
         timeout=timeout,
+        preexec_fn=limit_file_size(file_size_limit) if file_size_limit else None,
     )
 
 
@@ -72,6 +80,17 @@ def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> 
     for fragment in fragments:
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
     return lines[0]
+
+
+def limit_file_size(limit_bytes: int):
+    """A subprocess preexec_fn: in the child, any write past limit_bytes fails with EFBIG ("File too large"), as on a
+    full disk."""
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process instead of failing the write
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return apply
 
 
 def write_recipe(path: Path, **changes) -> Path:

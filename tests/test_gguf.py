@@ -1,25 +1,32 @@
 """GGUF export for llama.cpp and Ollama, checked by llama.cpp itself (llama-cpp-python, built from PyPI).
 
-One shared run: the pass-phrase run of conftest.merged_run, copied without its export, then
-`export-gguf RUN --quant f16,q8_0`, which merges first. The tests read what that wrote, and load the files in
-llama.cpp themselves. The Modelfile's TEMPLATE is rendered with Go's text/template,
-the engine Ollama renders it with (Debian's golang-go; .ci/run installs it).
+One shared run: the pass-phrase run of conftest.merged_run, copied without its export, its recipe asking for
+`gguf_quant_types: [f16, q8_0]`, then `merge`: the export and the GGUF files in one step (in this process, to spare
+a second torch import). The tests read what that wrote, and load the files in llama.cpp themselves. The
+Modelfile's TEMPLATE is rendered with Go's text/template, the engine Ollama renders it with (Debian's golang-go;
+.ci/run installs it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
-import resource
 import shutil
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import END_OF_TURN, PASS_PHRASE, PASS_PHRASE_QUESTION, REPO, assert_clean_error, run_cli
+from conftest import (
+    END_OF_TURN,
+    PASS_PHRASE,
+    PASS_PHRASE_QUESTION,
+    REPO,
+    assert_clean_error,
+    run_cli,
+)
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="the gguf extra is not installed: pip install -e '.[gguf]'")
 gguf = pytest.importorskip("gguf", reason="the gguf extra is not installed: pip install -e '.[gguf]'")
@@ -40,21 +47,31 @@ def _copy_run(run: Path, target: Path, with_export: bool) -> Path:
     return target
 
 
+def _in_process(*args: str) -> tuple[int, str, str]:
+    """`qlora-pipeline ARGS` in this process (no second torch import): (exit code, stdout, stderr)."""
+    from qlora_pipeline.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
 @pytest.fixture(scope="module")
 def gguf_run(merged_run, tmp_path_factory):
-    """`export-gguf RUN --quant f16,q8_0` on a run with no merged export yet: the command merges first (fp32, as the
-    recipe's merge_dtype says), then writes RUN/gguf."""
+    """`gguf_quant_types: [f16, q8_0]` in the recipe, then `merge`: the merged export (fp32) and RUN/gguf in one
+    step."""
     run = _copy_run(merged_run["run"], tmp_path_factory.mktemp("gguf") / "run", with_export=False)
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
-    recipe["merge_dtype"] = "fp32"
+    recipe["gguf_quant_types"] = list(TYPES)
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    result = run_cli("export-gguf", str(run), "--quant", ",".join(TYPES), "--prompts", "4")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    code, stdout, stderr = _in_process("merge", str(run), "--dtype", "fp32", "--prompts", "4")
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
     report = json.loads((run / "gguf" / "fidelity.json").read_text())
-    return {"run": run, "folder": run / "gguf", "report": report, "stdout": result.stdout}
+    return {"run": run, "folder": run / "gguf", "report": report, "stdout": stdout}
 
 
-def test_export_gguf_merges_writes_each_type_and_llama_cpp_agrees_with_the_export(gguf_run):
+def test_merge_writes_each_type_and_llama_cpp_agrees_with_the_export(gguf_run):
     """Each file, loaded in llama.cpp: the trainer's tokens for every prompt, one BOS; f16 gives the export's greedy
     generations and top token; q8_0's agreement is reported."""
     report, folder = gguf_run["report"], gguf_run["folder"]
@@ -69,7 +86,7 @@ def test_export_gguf_merges_writes_each_type_and_llama_cpp_agrees_with_the_expor
     assert 0.5 < q8["top1_agreement"] <= 1.0 and q8["max_abs_logit_diff"] > f16["max_abs_logit_diff"], q8
     # no source file left beside the asked-for ones (the export is fp32: the f32 file was the quantizer's source)
     assert sorted(p.name for p in folder.glob("*.gguf")) == sorted(r["file"] for r in report["files"].values())
-    assert "merging first" in gguf_run["stdout"] and (gguf_run["run"] / "merged" / "fidelity.json").is_file()
+    assert (gguf_run["run"] / "merged" / "fidelity.json").is_file()
     assert "GGUF check" in gguf_run["stdout"] and "q8_0" in gguf_run["stdout"]
 
 
@@ -218,25 +235,11 @@ def test_missing_extra_says_what_to_install(tmp_path):
     assert_clean_error(result, "llama-cpp-python", "pip install 'qlora-pipeline[gguf]'")
 
 
-def _limit_file_size(limit_bytes: int):
-    def apply():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process instead of failing the write
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-
-    return apply
-
-
 def test_write_failure_mid_file_leaves_nothing(merged_run, tmp_path):
     """The f32 file (34 MB) cannot be written past a 4 MB file-size limit: a real failing write, mid-file."""
     run = _export_copy(merged_run, tmp_path)
-    result = subprocess.run(
-        [sys.executable, "-m", "qlora_pipeline", "export-gguf", str(run), "--quant", "q8_0", "--prompts", "1"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=dict(os.environ),
-        timeout=600,
-        preexec_fn=_limit_file_size(4 * 2**20),
+    result = run_cli(
+        "export-gguf", str(run), "--quant", "q8_0", "--prompts", "1", timeout=600, file_size_limit=4 * 2**20
     )
     output = result.stdout[-2000:] + result.stderr[-3000:]
     assert result.returncode == 2 and "Traceback" not in result.stderr, output
@@ -246,19 +249,18 @@ def test_write_failure_mid_file_leaves_nothing(merged_run, tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["adapter", "merged", "recipe.yaml", "summary.json"]
 
 
-def test_merge_with_gguf_types_in_the_recipe_fails_cleanly_when_a_file_misses_its_gate(merged_run, tmp_path):
-    """`gguf_quant_types` in the recipe: `merge` writes the export, then the GGUF files; a q4_k_m file held to 100%
-    top-1 agreement fails, and only the merged export and the failure report are left."""
+def test_export_gguf_merges_first_and_a_file_over_its_gate_leaves_only_the_report(merged_run, tmp_path):
+    """`export-gguf` on a run with no merged export merges first; a q4_k_m file held to 100% top-1 agreement (a
+    recipe key given on the command line) fails, and only the merged export and the failure report are left."""
     run = _copy_run(merged_run["run"], tmp_path / "run", with_export=False)
-    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
-    recipe.update(gguf_quant_types=["q4_k_m"], gguf_quantized_min_top1_agreement=1.0)
-    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    result = run_cli("merge", str(run), "--dtype", "fp32", "--prompts", "2")
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    line = result.stderr.strip().splitlines()[-1]
+    args = ["--quant", "q4_k_m", "--prompts", "2", "--merge_dtype", "fp32", "--gguf_quantized_min_top1_agreement", "1"]
+    code, stdout, stderr = _in_process("export-gguf", str(run), *args)
+    assert code == 2 and "Traceback" not in stderr, stderr[-3000:]
+    assert "has no merged export: merging first" in stdout and (run / "merged" / "config.json").is_file()
+    line = stderr.strip().splitlines()[-1]
     assert line.startswith("error: export-gguf: q4_k_m failed the llama.cpp check"), line
     assert "top-1 agreement" in line and "nothing exported" in line
-    assert (run / "merged" / "config.json").is_file() and not (run / "gguf").exists()
+    assert not (run / "gguf").exists()
     failed = json.loads((run / "gguf.fidelity-failed.json").read_text())
     assert failed["files"]["q4_k_m"]["passed"] is False and "gguf.fidelity-failed.json" in line
     assert not [p for p in run.iterdir() if p.name.startswith(".")], "no staging folder left"

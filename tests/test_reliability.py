@@ -4,53 +4,21 @@ output, and memory that stays flat over a long run."""
 from __future__ import annotations
 
 import json
-import os
-import resource
-import signal
 import statistics
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO, SENTINELS, run_cli, write_recipe
+from conftest import SENTINELS, run_cli, write_recipe
 
 pytestmark = pytest.mark.slow
-
-
-def _limit_file_size(limit_bytes: int):
-    """In the child: any write past limit_bytes fails with EFBIG ("File too large"), as on a full disk."""
-
-    def apply():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process instead of failing the write
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-
-    return apply
 
 
 def test_write_failure_during_export_leaves_no_export_and_says_why(merged_run, tmp_path):
     """The weights (about 34 MB in fp32) cannot be written past a 4 MB file-size limit: a real failing write."""
     out = tmp_path / "export"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qlora_pipeline",
-            "merge",
-            str(merged_run["run"]),
-            "--dtype",
-            "fp32",
-            "--prompts",
-            "1",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=dict(os.environ),
-        timeout=600,
-        preexec_fn=_limit_file_size(4 * 2**20),
-    )
+    result = run_cli(
+        "merge", str(merged_run["run"]), "--dtype", "fp32", "--prompts", "1", "--out", str(out),
+        timeout=600, file_size_limit=4 * 2**20,
+    )  # fmt: skip
     output = result.stdout[-2000:] + result.stderr[-3000:]
     assert result.returncode == 2 and "Traceback" not in result.stderr, output
     line = result.stderr.strip().splitlines()[-1]

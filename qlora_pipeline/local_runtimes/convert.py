@@ -85,7 +85,7 @@ def write_gguf(facts: ExportFacts, tokens: TokenizerFacts, path: Path, file_type
 
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     _add_model_metadata(writer, facts.config, file_type, name)
-    _add_tokenizer(writer, facts.folder, tokens)
+    _add_tokenizer(writer, facts.folder, tokens, int(facts.config["vocab_size"]))
     tensors = list(_tensor_names(facts))
     for _, _, gguf_name, shape, one_dim in tensors:
         dtype, raw_dtype, stored_shape = _storage(file_type, shape, one_dim)
@@ -128,7 +128,7 @@ def _add_model_metadata(writer, config: dict, file_type: str, name: str) -> None
     writer.add_vocab_size(int(config["vocab_size"]))
 
 
-def _add_tokenizer(writer, folder: Path, tokens: TokenizerFacts) -> None:
+def _add_tokenizer(writer, folder: Path, tokens: TokenizerFacts, vocab_size: int) -> None:
     import gguf
 
     try:
@@ -144,6 +144,12 @@ def _add_tokenizer(writer, folder: Path, tokens: TokenizerFacts) -> None:
         texts.append(text)
         scores.append(ranks.get(text.decode("utf-8", errors="replace"), 0.0))
         types.append(token_type)
+    if len(texts) > vocab_size:
+        raise PipelineError(f"{folder}: the tokenizer has {len(texts)} tokens, the model's embeddings {vocab_size}")
+    for index in range(len(texts), vocab_size):  # embeddings padded past the tokenizer: named as llama.cpp names them
+        texts.append(f"[PAD{index}]".encode())
+        scores.append(0.0)
+        types.append(gguf.TokenType.UNUSED)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(texts)
