@@ -44,13 +44,17 @@ class ExportRequest:
 
 
 def locate_export(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(export folder, recipe.yaml) of a run folder (its merged/ export) or of a merged export inside a run folder;
-    the recipe is needed because the check uses the held-out rows as training rendered them."""
+    """(export folder, recipe.yaml) of a run folder (its merged/ export, or the recipe's merge_output_dir) or of a
+    merged export inside a run folder. The recipe is needed: the check uses the held-out rows as training rendered
+    them."""
     given = Path(path)
     if not given.exists():
         raise PipelineError(f"{given}: no such run or export folder")
     if (given / "recipe.yaml").is_file():
-        return given / "merged", given / "recipe.yaml"
+        import yaml
+
+        saved = yaml.safe_load((given / "recipe.yaml").read_text(encoding="utf-8")) or {}
+        return Path(saved.get("merge_output_dir") or given / "merged"), given / "recipe.yaml"
     if (given / "config.json").is_file():
         if not (given.parent / "recipe.yaml").is_file():
             raise PipelineError(
