@@ -264,3 +264,14 @@ def test_export_gguf_merges_first_and_a_file_over_its_gate_leaves_only_the_repor
     failed = json.loads((run / "gguf.fidelity-failed.json").read_text())
     assert failed["files"]["q4_k_m"]["passed"] is False and "gguf.fidelity-failed.json" in line
     assert not [p for p in run.iterdir() if p.name.startswith(".")], "no staging folder left"
+
+
+def test_merge_with_gguf_types_refuses_an_existing_gguf_folder_before_merging(merged_run, tmp_path, cli_in_process):
+    run = _copy_run(merged_run["run"], tmp_path / "run", with_export=False)
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["gguf_quant_types"] = ["f16"]
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    (run / "gguf").mkdir()
+    result = cli_in_process("merge", str(run), "--dtype", "fp32")
+    assert_clean_error(result, str(run / "gguf"), "--overwrite")
+    assert not (run / "merged").exists(), "nothing was merged"

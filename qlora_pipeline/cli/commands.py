@@ -56,24 +56,20 @@ def merge(args, extra: list[str]) -> int:
 
     source = locate(args.run)  # a wrong path is reported before the heavy imports
     from qlora_pipeline.recipe import load_recipe
+    from qlora_pipeline.stages.merge import export_folder
     from qlora_pipeline.stages.merge import merge as merge_run
 
-    quant_types = load_recipe(source.recipe_path, overrides).export.gguf_quant_types
-    if quant_types:  # the recipe asks for GGUF files in the same step
-        from qlora_pipeline.local_runtimes.requirements import require_gguf_packages
-
-        require_gguf_packages()  # before a merge whose files could not be written
-    report = merge_run(args.run, overrides, out=args.out, overwrite=args.overwrite)
-    if quant_types:
-        from pathlib import Path
-
+    recipe = load_recipe(source.recipe_path, overrides)
+    gguf = None
+    if recipe.export.gguf_quant_types:  # GGUF files in the same step: the request is checked before the merge
         from qlora_pipeline.stages import export_gguf as gguf_stage
 
-        print(f"\n== gguf_quant_types: {', '.join(quant_types)} ==")
-        export_dir = Path(report["export_dir"])
-        gguf_stage.export_gguf(
-            gguf_stage.check_request(export_dir, source.recipe_path, None, None, args.overwrite, overrides)
-        )
+        export_dir = export_folder(source, recipe, args.out)
+        gguf = gguf_stage.check_request(export_dir, source.recipe_path, None, None, args.overwrite, overrides)
+    merge_run(args.run, overrides, out=args.out, overwrite=args.overwrite)
+    if gguf is not None:
+        print(f"\n== gguf_quant_types: {', '.join(gguf.types)} ==")
+        gguf_stage.export_gguf(gguf)
     return 0
 
 

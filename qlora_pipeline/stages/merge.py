@@ -51,7 +51,7 @@ def merge(
     recipe = load_recipe(source.recipe_path, overrides)
     check_adapter_base(source.adapter_dir, recipe)
     base_mode = choose_base_mode(recipe, overrides)
-    export_dir = Path(out or recipe.export.merge_output_dir or (source.run_dir or source.adapter_dir.parent) / "merged")
+    export_dir = export_folder(source, recipe, out)
     if export_dir.exists() and not overwrite:
         raise PipelineError(f"{export_dir}: the export folder already exists; pass --overwrite to replace it")
     config = base_config(recipe)
@@ -113,6 +113,11 @@ def merge(
     if where:
         print(f"W&B: fidelity figures logged to the training's run ({tracking.describe(where)})")
     return report
+
+
+def export_folder(source: TrainedAdapter, recipe: Recipe, out: str | None) -> Path:
+    """Where the export goes: --out, else the recipe's merge_output_dir, else merged/ in the run folder."""
+    return Path(out or recipe.export.merge_output_dir or (source.run_dir or source.adapter_dir.parent) / "merged")
 
 
 def choose_base_mode(recipe: Recipe, overrides: list[str] | None) -> str:
