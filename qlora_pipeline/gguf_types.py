@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from qlora_pipeline.errors import PipelineError
 
-# written by the gguf library: name → (llama.cpp's LlamaFileType value, the export dtype it keeps exactly)
+# written by the gguf library: name → llama.cpp's LlamaFileType value
 DIRECT = {"f32": 0, "f16": 1, "bf16": 32}
 # made by llama.cpp's quantizer: name → llama_ftype
 QUANTIZED = {

@@ -79,7 +79,8 @@ def test_merge_writes_each_type_and_llama_cpp_agrees_with_the_export(gguf_run):
     for kind, result in report["files"].items():
         assert (folder / result["file"]).is_file() and result["file"].endswith(f"-{kind}.gguf")
         assert result["passed"], result
-        assert result["prompts"] == 4 and result["tokenization_identical"] == 4 and result["one_bos"]
+        assert result["prompts"] == 4 and result["tokenization_identical"] == 4
+        assert result["bos_as_trained"]
     f16, q8 = report["files"]["f16"], report["files"]["q8_0"]
     assert f16["greedy_identical"] == f16["prompts"], f16
     assert f16["top1_agreement"] >= 0.99 and abs(f16["perplexity_increase"]) < 0.01, f16

@@ -4,7 +4,8 @@ Ollama renders `TEMPLATE` with Go's text/template over the conversation (`.Messa
 `.Content`) and tokenizes the text with the GGUF file's own BOS rule. So the Go template is the training template
 with its leading BOS left out (llama.cpp adds the BOS token, as training had it), and for each role the text around
 the message. Those pieces are read off the training template itself, by rendering it over marker messages; a
-template that is not "the same wrapper around every message of a role" is refused rather than approximated.
+template that is not "the same wrapper around every message of a role" gets no Modelfile rather than an
+approximate one (turn_text raises; the export goes on without it).
 """
 
 from __future__ import annotations
@@ -103,16 +104,15 @@ def go_template(pieces: TurnText) -> str:
     return f"{{{{ range .Messages }}}}{{{{ if {branches}{{{{ end }}}}{{{{ end }}}}{pieces.generation_prompt}"
 
 
-def modelfile_text(gguf_name: str, pieces: TurnText, stop: str, system: str | None = None) -> str:
-    """The Modelfile beside the GGUF files; `ollama create NAME -f Modelfile` reads it."""
+def modelfile_text(gguf_name: str, pieces: TurnText, stop: str) -> str:
+    """The Modelfile beside the GGUF files; `ollama create NAME -f Modelfile` reads it. No SYSTEM line: the
+    training templates add no system prompt of their own."""
     lines = [
         "# Ollama: ollama create <name> -f Modelfile   (FROM may name any of the GGUF files in this folder)",
         f"FROM ./{gguf_name}",
         f'TEMPLATE """{go_template(pieces)}"""',
         f'PARAMETER stop "{stop}"',
     ]
-    if system:
-        lines.append(f'SYSTEM """{system}"""')
     return "\n".join(lines) + "\n"
 
 

@@ -116,6 +116,7 @@ def export_gguf(request: ExportRequest) -> dict:
     notes: list[str] = []
     try:
         pieces = modelfile.turn_text(render, bos_text, template.name)
+        modelfile.go_template(pieces)  # text a Go template cannot hold is found here, not after the files are written
     except PipelineError as exc:  # the GGUF files do not need it: written without a Modelfile, and said so
         pieces = None
         notes.append(f"no Modelfile: {exc}")
