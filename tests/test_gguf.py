@@ -137,7 +137,7 @@ def _go_render(template: str, messages: list[dict]) -> str:
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local"},
+        env={**os.environ, "GOTOOLCHAIN": "local"},  # never fetch another Go toolchain
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
