@@ -112,11 +112,12 @@ def _tokenization(model, example: CheckExample, bos_text: str) -> dict:
         return [parsed, added]
 
     result = {"prompt_equal": True, "full_equal": True, "first_difference": None}
-    for key, text, expected in (
-        ("prompt_equal", example.prompt_text, example.prompt_ids),
-        ("full_equal", example.full_text, example.full_ids),
+    prompt_tokens = tokens(example.prompt_text)
+    for key, candidates, expected in (
+        ("prompt_equal", prompt_tokens, example.prompt_ids),
+        ("full_equal", tokens(example.full_text), example.full_ids),
     ):
-        for got in tokens(text):
+        for got in candidates:
             if got != expected:
                 result[key] = False
                 at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
@@ -127,7 +128,7 @@ def _tokenization(model, example: CheckExample, bos_text: str) -> dict:
                 }
     # One BOS where the template writes it (none where it does not), however llama.cpp's user tokenizes the prompt.
     bos_id, expected = model.token_bos(), 1 if bos_text else 0
-    result["bos_as_trained"] = all(ids.count(bos_id) == expected for ids in tokens(example.prompt_text))
+    result["bos_as_trained"] = all(ids.count(bos_id) == expected for ids in prompt_tokens)
     return result
 
 

@@ -35,6 +35,7 @@ class ExportFacts:
     config: dict
     weight_files: list[Path]
     dtype: str  # float32 / float16 / bfloat16: the dtype the weights were saved in
+    tokenizer: dict  # tokenizer.json, parsed
 
     @property
     def layers(self) -> int:
@@ -61,10 +62,15 @@ def read_export(folder: Path) -> ExportFacts:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if not (folder / name).is_file():
             raise PipelineError(f"{folder}: missing tokenizer file {name}; export-gguf needs the export's tokenizer")
+    try:
+        tokenizer = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PipelineError(f"{folder / 'tokenizer.json'}: not valid JSON ({exc})") from None
     weight_files = sorted(folder.glob("*.safetensors"))
     if not weight_files:
         raise PipelineError(f"{folder}: no *.safetensors weights")
-    return ExportFacts(folder, config, weight_files, str(config.get("dtype") or config.get("torch_dtype") or "float32"))
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    return ExportFacts(folder, config, weight_files, dtype, tokenizer)
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,7 @@ def write_gguf(facts: ExportFacts, tokens: TokenizerFacts, path: Path, file_type
 
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     _add_model_metadata(writer, facts.config, file_type, name)
-    _add_tokenizer(writer, facts.folder, tokens, int(facts.config["vocab_size"]))
+    _add_tokenizer(writer, facts, tokens)
     tensors = list(_tensor_names(facts))
     for _, _, gguf_name, shape, one_dim in tensors:
         dtype, raw_dtype, stored_shape = _storage(file_type, shape, one_dim)
@@ -128,9 +134,10 @@ def _add_model_metadata(writer, config: dict, file_type: str, name: str) -> None
     writer.add_vocab_size(int(config["vocab_size"]))
 
 
-def _add_tokenizer(writer, folder: Path, tokens: TokenizerFacts, vocab_size: int) -> None:
+def _add_tokenizer(writer, facts: ExportFacts, tokens: TokenizerFacts) -> None:
     import gguf
 
+    folder, vocab_size = facts.folder, int(facts.config["vocab_size"])
     try:
         vocab = gguf.LlamaHfVocab(folder)
     except (FileNotFoundError, TypeError) as exc:
@@ -139,7 +146,7 @@ def _add_tokenizer(writer, folder: Path, tokens: TokenizerFacts, vocab_size: int
             f"writes that family only"
         ) from None
     texts, scores, types = [], [], []
-    ranks = merge_scores(folder / "tokenizer.json")
+    ranks = merge_scores(facts.tokenizer)
     for text, _, token_type in vocab.all_tokens():
         texts.append(text)
         scores.append(ranks.get(text.decode("utf-8", errors="replace"), 0.0))
@@ -163,15 +170,15 @@ def _add_tokenizer(writer, folder: Path, tokens: TokenizerFacts, vocab_size: int
         writer.add_pad_token_id(tokens.pad_id)
     writer.add_add_bos_token(tokens.add_bos)
     writer.add_add_eos_token(False)
-    writer.add_add_space_prefix(adds_space_prefix(folder / "tokenizer.json"))
+    writer.add_add_space_prefix(adds_space_prefix(facts.tokenizer))
     writer.add_chat_template(tokens.chat_template)
 
 
-def merge_scores(tokenizer_json: Path) -> dict[str, float]:
+def merge_scores(tokenizer: dict) -> dict[str, float]:
     """token text → score, from the order of the BPE merges: the token made by an earlier merge scores higher, so
     llama.cpp's score-ordered merging follows the trained tokenizer's merge order. Tokens no merge makes (single
     characters, bytes, specials) score 0: llama.cpp never merges into them."""
-    model = json.loads(tokenizer_json.read_text(encoding="utf-8"))["model"]
+    model = tokenizer["model"]
     scores: dict[str, float] = {}
     for rank, merge in enumerate(model.get("merges") or []):
         left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
@@ -179,10 +186,9 @@ def merge_scores(tokenizer_json: Path) -> dict[str, float]:
     return scores
 
 
-def adds_space_prefix(tokenizer_json: Path) -> bool:
+def adds_space_prefix(tokenizer: dict) -> bool:
     """Whether the tokenizer puts '▁' before the text (Metaspace prepend 'always' / 'first', or the older
     Prepend normalizer); llama.cpp's add_space_prefix does the same."""
-    tokenizer = json.loads(tokenizer_json.read_text(encoding="utf-8"))
     pre = tokenizer.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     for step in steps:

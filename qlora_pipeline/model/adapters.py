@@ -41,6 +41,18 @@ def locate(path: str | os.PathLike) -> TrainedAdapter:
     raise PipelineError(f"{adapter_dir}: no recipe.yaml beside the adapter; pass the run folder that training wrote")
 
 
+def saved_merge_output_dir(run: Path) -> Path | None:
+    """The merge_output_dir that the run's saved recipe.yaml names, or None (none named, or no readable recipe)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    configured = saved.get("merge_output_dir") if isinstance(saved, dict) else None
+    return Path(configured) if isinstance(configured, str) and configured else None
+
+
 def load_trained_model(recipe: Recipe, adapter_dir: Path, tokenizer, device: str):
     """The causal LM exactly as training ran it, for inference from a saved adapter (`generate`, `chat`): the base
     quantized with the same settings, plus the adapter. `tokenizer` is the one saved with the adapter (its length

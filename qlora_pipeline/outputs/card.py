@@ -176,7 +176,7 @@ def build_card(
         task=task,
         title=repo_id.split("/")[-1] if repo_id else f"{base} fine-tuned with qlora-pipeline",
         base=base,
-        method="QLoRA (LoRA on a 4-bit NF4 base)" if recipe.model.load_in_4bit else "LoRA",
+        method=training_method(recipe),
         use_peft=bool(values.get("use_peft")),
         base_reference=base_reference(recipe),
         dataset=display_name(dataset_name),
@@ -211,6 +211,10 @@ def _tags(kind: str, recipe: Recipe, values: dict) -> list[str]:
     if kind == "merged":
         tags.append("merged")
     return tags
+
+
+def training_method(recipe: Recipe) -> str:
+    return "QLoRA (LoRA on a 4-bit NF4 base)" if recipe.model.load_in_4bit else "LoRA"
 
 
 def base_reference(recipe: Recipe) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from qlora_pipeline.outputs.card import base_license, base_reference
+from qlora_pipeline.outputs.card import base_license, base_reference, training_method
 from qlora_pipeline.outputs.names import display_name, is_hub_id, scrub
 
 TEMPLATE = Path(__file__).with_name("gguf_card_template.md")
@@ -34,7 +34,7 @@ def build_gguf_card(recipe, report: dict, name: str, prompt_example: str, has_mo
         title=f"{name} (GGUF)",
         base=display_name(model_name),
         base_reference=base_reference(recipe),
-        method="QLoRA (LoRA on a 4-bit NF4 base)" if recipe.model.load_in_4bit else "LoRA",
+        method=training_method(recipe),
         template_name=recipe.data.template,
         dataset=display_name(recipe.data.dataset_name),
         version=__version__,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.gguf_types import DIRECT, SOURCE_FOR_DTYPE, is_quantized, parse_quant_types
+from qlora_pipeline.model.adapters import saved_merge_output_dir
 from qlora_pipeline.outputs.staging import staged_folder
 from qlora_pipeline.recipe import Recipe, load_recipe
 
@@ -50,11 +51,8 @@ def locate_export(path: str | os.PathLike) -> tuple[Path, Path]:
     given = Path(path)
     if not given.exists():
         raise PipelineError(f"{given}: no such run or export folder")
-    if (given / "recipe.yaml").is_file():
-        import yaml
-
-        saved = yaml.safe_load((given / "recipe.yaml").read_text(encoding="utf-8")) or {}
-        return Path(saved.get("merge_output_dir") or given / "merged"), given / "recipe.yaml"
+    if (given / "recipe.yaml").is_file():  # where the merge puts (or will put) its export
+        return saved_merge_output_dir(given) or given / "merged", given / "recipe.yaml"
     if (given / "config.json").is_file():
         if not (given.parent / "recipe.yaml").is_file():
             raise PipelineError(

@@ -19,6 +19,7 @@ import struct
 from pathlib import Path
 
 from qlora_pipeline.errors import PipelineError, PublishError, first_line, one_line
+from qlora_pipeline.model.adapters import saved_merge_output_dir
 from qlora_pipeline.secrets import machine_secrets, redact
 
 # Files that are pickles (they run code when loaded): an export holds safetensors only.
@@ -158,16 +159,8 @@ def resolve_folder(folder: Path, adapter_only: bool) -> tuple[Path, str]:
 
 def _merged_folder_of_run(run: Path) -> Path:
     """run/merged, or the recipe's merge_output_dir when the saved recipe names one that exists."""
-    import yaml
-
-    try:
-        saved = yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # no or unreadable recipe.yaml: the default place
-        saved = None
-    configured = saved.get("merge_output_dir") if isinstance(saved, dict) else None
-    if isinstance(configured, str) and configured and Path(configured).is_dir():
-        return Path(configured)
-    return run / "merged"
+    configured = saved_merge_output_dir(run)
+    return configured if configured is not None and configured.is_dir() else run / "merged"
 
 
 def list_files(folder: Path) -> list[tuple[str, int]]:
