@@ -98,3 +98,16 @@ def test_gpu_check_runs_its_whole_path_on_a_cpu_at_tiny_scale(tmp_path):
     assert chosen["auto"] == ["gradient_checkpointing", "per_device_train_batch_size"]
     assert (chosen["gradient_checkpointing"], chosen["per_device_train_batch_size"]) == (False, 4)
     assert report["versions"]["torch"] and report["versions"]["bitsandbytes"]
+
+
+def test_data_checks_benchmark_finds_exactly_what_it_planted(tmp_path):
+    """Its measurement in this process (the script's own start-up, importing trl, would double the time)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("data_checks_benchmark", REPO / "benchmarks" / "data_checks.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    report = benchmark.measure(tmp_path, rows=4000, duplicates=40, overlaps=10)
+    assert report["rows"] == 4000 and report["duplicates_found"] == 40 and report["overlaps_found"] == 10
+    assert report["read_and_check_s"] > 0 and set(report["shares"]) == {"ner", "re", "nli", "cls"}
+    assert abs(report["shares"]["ner"] - 0.4) < 0.05, "the weighted draw follows the weights"

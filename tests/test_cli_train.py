@@ -122,7 +122,11 @@ def test_real_medtuned_rows_preprocess(tmp_path, cli_in_process):
     # Training on real MedTuned rows (GAD, NCBI-disease, HoC), merging and scoring them:
     # tests/test_medtuned_metric.py::test_real_medtuned_rows_train_merge_and_evaluate_with_task_scores.
     recipe = write_recipe(tmp_path / "recipe.yaml", output_dir=str(tmp_path / "run"), dataset_name=str(GAD))
-    pre = cli_in_process("preprocess", str(recipe), "--debug", "2")
+    # GAD's real rows hold 33 exact copies; 4 land on both sides of the seed-42 split, which the run refuses.
+    refused = cli_in_process("preprocess", str(recipe))
+    assert_clean_error(refused, "4 training rows have the same instruction and input as a held-out row", f"{GAD}:")
+    pre = cli_in_process("preprocess", str(recipe), "--debug", "2", "--on_eval_overlap", "drop")
     assert pre.returncode == 0, pre.stderr[-3000:]
     assert "-100 (masked)" in pre.stdout and "'<|end_of_turn|>'" in pre.stdout
-    assert "train rows 4316" in pre.stdout, pre.stdout[-1500:]  # 4,796 rows, 10% held out
+    assert "train rows 4312" in pre.stdout, pre.stdout[-1500:]  # 4,796 rows, 10% held out, 4 overlapping left out
+    assert "duplicates 29 (copy = first)  train/eval overlap 4" in pre.stdout

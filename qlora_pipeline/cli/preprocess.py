@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from qlora_pipeline.data.checks import listing
+from qlora_pipeline.outputs import sources_table
+
 
 def preprocess(args, overrides: list[str]) -> int:
     from qlora_pipeline.recipe import load_recipe
@@ -44,15 +47,43 @@ def preprocess(args, overrides: list[str]) -> int:
             f"over max_length {s['overlong']}  dropped {s['dropped']}  truncated {s['truncated']}  "
             f"{'(tokenized data read from cache)' if s['from_cache'] else '(tokenized now, cached for next time)'}"
         )
-    if prepared.accounting:  # every row read is accounted for
+    accounting = prepared.accounting or {}
+    if "sources" in accounting:  # a mixture: every source's rows accounted for
+        data = prepared.data_summary()
+        used = sum(counts["train"] for counts in accounting["sources"].values())
+        eval_rows = prepared.eval.rows_in if prepared.eval else 0
+        print("\n== sources (rows read = train + eval + skipped + unused; draws: training examples drawn) ==")
+        for line in sources_table.text_table(data):
+            print(line)
+        print(
+            f"rows  read {accounting['rows_read']} = train {used} + eval {eval_rows} + skipped "
+            f"{accounting['skipped']} + unused {accounting['unused']} (not drawn, or past max_train/eval_samples)"
+        )
+    elif accounting:  # every row read is accounted for
         rows = {"train": prepared.train.rows_in, "eval": prepared.eval.rows_in if prepared.eval else 0}
         print(
-            f"rows  read {prepared.accounting['rows_read']} = train {rows['train']} + eval {rows['eval']} + skipped "
-            f"{prepared.accounting['skipped']} + unused {prepared.accounting['unused']} (past max_train/eval_samples)"
+            f"rows  read {accounting['rows_read']} = train {rows['train']} + eval {rows['eval']} + skipped "
+            f"{accounting['skipped']} + unused {accounting['unused']} (past max_train/eval_samples)"
         )
-        for fix, count in prepared.accounting.get("repaired", {}).items():
-            print(f"repaired {count} ({fix}; kept, listed in the run's repaired_rows.jsonl)")
+    for fix, count in accounting.get("repaired", {}).items():
+        print(f"repaired {count} ({fix}; kept, listed in the run's repaired_rows.jsonl)")
+    print_checks(prepared.checks)
     return 0
+
+
+def print_checks(checks) -> None:
+    """What the data checks found, the first findings of each kind with file and line (train writes them all to
+    the run's data_checks.json)."""
+    if checks is None:
+        return
+    print(
+        f"\n== data checks: {checks.train_rows} training rows, {checks.eval_rows} held out ==\n"
+        f"duplicates {len(checks.duplicates)} (copy = first)  train/eval overlap {len(checks.overlaps)} "
+        f"(training row = held-out row)  left out {len(checks.dropped)}"
+    )
+    for title, found in (("duplicates", checks.duplicates), ("train/eval overlap", checks.overlaps)):
+        if found:
+            print(f"{title}:\n{listing(found)}")
 
 
 def print_task_example(index: int, example: dict, tokenizer) -> None:

@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from qlora_pipeline.data.rows import ROW_COLUMN, columns_of, quiet_progress
+from qlora_pipeline.data.rows import ROW_COLUMN, SOURCE_COLUMN, column_values, columns_of, quiet_progress
 from qlora_pipeline.data.templates import PromptTemplate
 from qlora_pipeline.errors import DataError
 
@@ -30,6 +30,10 @@ class TokenizedSplit:
     truncated: int
     from_cache: bool
     lengths: list[int] = field(default_factory=list)
+    # Per source, where the rows carry one (a mixture, several eval files): rows, examples, tokens, over max_length,
+    # dropped, truncated, and no_label (rows whose answer kept no labelled token after truncation).
+    by_source: dict[str, dict] = field(default_factory=dict)
+    example_sources: list[str] | None = None  # each kept example's source, in order (where rows carry one)
 
     def stats(self) -> dict:
         import numpy as np
@@ -49,6 +53,7 @@ class TokenizedSplit:
             "max": int(lengths.max()),
             "from_cache": self.from_cache,
             "length_histogram": length_histogram(self.lengths),
+            **({"sources": self.by_source} if self.by_source else {}),
         }
 
 
@@ -76,22 +81,33 @@ def tokenizer_fingerprint(tokenizer, template: PromptTemplate) -> str:
 
 
 def tokenize(
-    dataset, tokenizer, template: PromptTemplate, data_args, max_length: int | None, name: str
+    dataset,
+    tokenizer,
+    template: PromptTemplate,
+    data_args,
+    max_length: int | None,
+    name: str,
+    templates: dict[str, PromptTemplate] | None = None,
 ) -> TokenizedSplit:
     """Render each row with the template and tokenize it; returns input_ids + completion_mask per example.
+    `templates`: a mixture's sources whose rows take another template than `template`, by source name.
 
     The completion mask covers the answer and its closing end-of-turn token, so the model learns to stop.
     """
     instruction, input_column, output = columns_of(data_args)
+    templates = templates or {}
     end_id = tokenizer.convert_tokens_to_ids(template.end_token_for(tokenizer))
     # Fails here, before any model loads, if the tokenizer template cannot separate prompt from answer.
-    template.chat_template_for(tokenizer)
+    for used in (template, *templates.values()):
+        used.chat_template_for(tokenizer)
 
     def encode(batch):
         prompts, completions = [], []
+        sources = batch.get(SOURCE_COLUMN) if templates else None
         for i in range(len(batch[instruction])):
             extra = batch[input_column][i] if input_column else None
-            prompt, completion = template.prompt_and_completion(
+            row_template = templates.get(sources[i], template) if sources else template
+            prompt, completion = row_template.prompt_and_completion(
                 tokenizer, batch[instruction][i], extra, batch[output][i]
             )
             prompts.append(prompt)
@@ -124,13 +140,14 @@ def tokenize(
         dataset,
         tokenizer,
         tokenizer_fingerprint(tokenizer, template),
+        *(f"{source}={tokenizer_fingerprint(tokenizer, used)}" for source, used in sorted(templates.items())),
         str(max_length),
         data_args.overlong,
         "|".join(str(c) for c in columns_of(data_args)),
         TOKENIZE_VERSION,
     )
     encoded, from_cache = map_rows(dataset, encode, key, f"Tokenizing {name}", quiet=data_args.overlong == "error")
-    lengths = encoded["n_tokens"]
+    lengths = column_values(encoded, "n_tokens")
     over = over_max_length(
         encoded, lengths, max_length, data_args.overlong, f"{name} examples are over", "{n} tokens", "drop or truncate"
     )
@@ -138,19 +155,48 @@ def tokenize(
         keep_rows = [i for i, n in enumerate(lengths) if max_length is None or n <= max_length]
     else:
         # A prompt that fills max_length on its own leaves no answer tokens: nothing to learn from it.
-        masks = encoded["completion_mask"]
+        masks = column_values(encoded, "completion_mask")
         keep_rows = [i for i, m in enumerate(masks) if any(m)]
     kept = encoded.select(keep_rows) if len(keep_rows) != len(encoded) else encoded
-    truncated = sum(encoded["truncated"])
+    truncated = sum(column_values(encoded, "truncated"))
+    by_source, example_sources = {}, None
+    if SOURCE_COLUMN in encoded.column_names:
+        by_source = per_source(encoded, lengths, max_length, set(keep_rows))
+        example_sources = column_values(kept, SOURCE_COLUMN)
     return TokenizedSplit(
-        dataset=kept.remove_columns([c for c in ("truncated", ROW_COLUMN) if c in kept.column_names]),
+        dataset=kept.remove_columns([c for c in ("truncated", ROW_COLUMN, SOURCE_COLUMN) if c in kept.column_names]),
         rows_in=len(dataset),
         overlong=len(over),
         dropped=len(encoded) - len(keep_rows),
         truncated=truncated - (len(encoded) - len(keep_rows) if data_args.overlong == "truncate" else 0),
         from_cache=from_cache,
         lengths=list(lengths),  # before truncation: the data's own length distribution
+        by_source=by_source,
+        example_sources=example_sources,
     )
+
+
+def per_source(encoded, lengths: list[int], max_length: int | None, kept: set[int]) -> dict[str, dict]:
+    """Each source's rows, examples kept, tokens (before truncation), rows over max_length, dropped, truncated, and
+    rows left with no labelled token (a prompt that fills max_length on its own: dropped under truncate)."""
+    stats: dict[str, dict] = {}
+    masks = column_values(encoded, "completion_mask")
+    columns = zip(column_values(encoded, SOURCE_COLUMN), lengths, column_values(encoded, "truncated"), masks)
+    for index, (source, n_tokens, truncated, mask) in enumerate(columns):
+        entry = stats.setdefault(
+            source,
+            {"rows": 0, "examples": 0, "tokens": 0, "overlong": 0, "dropped": 0, "truncated": 0, "no_label": 0},
+        )
+        entry["rows"] += 1
+        entry["tokens"] += n_tokens
+        entry["overlong"] += max_length is not None and n_tokens > max_length
+        if index in kept:
+            entry["examples"] += 1
+            entry["truncated"] += bool(truncated)
+        else:
+            entry["dropped"] += 1
+        entry["no_label"] += not any(mask)
+    return stats
 
 
 def cache_file_exists(dataset, key: str) -> bool:
@@ -176,8 +222,9 @@ def map_rows(dataset, encode, key: str, desc: str, quiet: bool = False):
 
     def encode_and_locate(batch):
         out = encode(batch)
-        if ROW_COLUMN in batch:
-            out[ROW_COLUMN] = batch[ROW_COLUMN]
+        for column in (ROW_COLUMN, SOURCE_COLUMN):
+            if column in batch:
+                out[column] = batch[column]
         return out
 
     from_cache = cache_file_exists(dataset, key)

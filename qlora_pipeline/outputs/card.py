@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from huggingface_hub import ModelCard, ModelCardData
 
 from qlora_pipeline.data import samples
+from qlora_pipeline.outputs import sources_table
 from qlora_pipeline.outputs.evaluation_table import is_count
 from qlora_pipeline.outputs.names import ABSOLUTE_PATH, DATA_FILE_SUFFIXES, display_name, is_hub_id, scrub
 
@@ -154,14 +155,14 @@ def build_card(
         raise ValueError(f"kind must be 'merged' or 'adapter', got {kind!r}")
     values = recipe.to_dict()
     model_name = recipe.model.model_name_or_path
-    dataset_name = recipe.data.dataset_name
+    dataset_paths = data_paths(recipe.data)
     task = recipe.task.task
     pipeline_tag, auto_class, peft_class, trainer = TASK_CARDS[task]
     base = display_name(model_name)
     results = _eval_results(recipe, summary, fidelity, kind)
     data = ModelCardData(
         base_model=model_name if is_hub_id(model_name) else None,
-        datasets=[dataset_name] if is_hub_id(dataset_name, DATA_FILE_SUFFIXES) else None,
+        datasets=[path for path in dataset_paths if is_hub_id(path, DATA_FILE_SUFFIXES)] or None,
         library_name="transformers" if kind == "merged" else "peft",
         pipeline_tag=pipeline_tag,
         tags=_tags(kind, recipe, values),
@@ -179,7 +180,7 @@ def build_card(
         method=training_method(recipe),
         use_peft=bool(values.get("use_peft")),
         base_reference=base_reference(recipe),
-        dataset=display_name(dataset_name),
+        dataset=" + ".join(display_name(path) for path in dataset_paths),
         template_name=recipe.data.template,
         version=__version__,
         trainer=trainer,
@@ -406,12 +407,23 @@ def _training_rows(values: dict, summary: dict | None) -> list[tuple[str, Any]]:
     return rows
 
 
+def data_paths(data) -> list[str]:
+    """Where the training rows come from: dataset_name, or each mixture source's path."""
+    return [source.path for source in data.sources] if data.dataset_mixture is not None else [data.dataset_name]
+
+
 def _data_lines(recipe: Recipe) -> list[tuple[str, str]]:
     data = recipe.data
-    lines = [("Dataset", display_name(data.dataset_name))]
-    if data.dataset_config:
-        lines.append(("Configuration", data.dataset_config))
-    lines.append(("Split", data.dataset_split))
+    if data.dataset_mixture is not None:
+        lines = [(f"Source {source.name}", _describe_source(source)) for source in data.sources]
+        weighted = data.sources[0].weight is not None
+        how = f"drawn by weight (interleaved, {data.mixture_stopping})" if weighted else "concatenated and shuffled"
+        lines.append(("Mixture", how + ("" if data.eval_files else "; eval rows held out from each source")))
+    else:
+        lines = [("Dataset", display_name(data.dataset_name))]
+        if data.dataset_config:
+            lines.append(("Configuration", data.dataset_config))
+        lines.append(("Split", data.dataset_split))
     if data.eval_files:
         lines.append(("Eval data", ", ".join(display_name(f) for f in data.eval_files)))
     else:
@@ -422,8 +434,22 @@ def _data_lines(recipe: Recipe) -> list[tuple[str, str]]:
     return lines
 
 
+def _describe_source(source) -> str:
+    """A mixture source in one line: where, which split, how much of it."""
+    parts = [f"split {source.split}"] + ([f"config {source.config}"] if source.config else [])
+    if source.weight is not None:
+        parts.append(f"weight {source.weight:g}")
+    if source.rows is not None:
+        parts.append(f"{source.rows} rows" + (" drawn with replacement" if source.replace else ""))
+    if source.fraction is not None:
+        parts.append(f"{source.fraction:g} of its rows" + (" drawn with replacement" if source.replace else ""))
+    if source.streaming:
+        parts.append("streamed")
+    return f"{display_name(source.path)} ({', '.join(parts)})"
+
+
 def _data_splits(summary: dict | None) -> str | None:
-    """The token statistics of the train and eval splits, as a markdown table."""
+    """The token statistics of the train and eval splits, as a markdown table; a mixture's per-source table after."""
     splits = (summary or {}).get("data") or {}
     stats = [(name, splits.get(name)) for name in ("train", "eval") if splits.get(name)]
     if not stats:
@@ -431,6 +457,10 @@ def _data_splits(summary: dict | None) -> str | None:
     keys = ("rows", "examples", "tokens", "mean", "max", "dropped", "truncated")
     lines = ["| split | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(_cell(split.get(key)) for key in keys) + " |" for name, split in stats]
+    by_source = sources_table.markdown_table(splits)
+    if by_source:
+        lines += ["", "Per source (rows read = train + eval + skipped + unused; share: of the training examples):", ""]
+        lines += by_source
     return "\n".join(lines)
 
 
@@ -468,7 +498,7 @@ def _eval_results(recipe: Recipe, summary: dict | None, fidelity: dict | None, k
         return []
     scores = ((fidelity or {}).get("task_metrics") or {}).get("export") if kind == "merged" else None
     scores = scores or ((summary or {}).get("task_metrics") or {}).get("after") or {}
-    dataset = display_name(recipe.data.dataset_name)
+    dataset = " + ".join(display_name(path) for path in data_paths(recipe.data))
     results = []
     for name, value in scores.items():
         subtask, _, metric = name.rpartition("/")

@@ -41,7 +41,7 @@ def write_table(folder: Path, columns: dict[str, dict], task, recipe) -> tuple[P
     record = {
         "task": task.name,
         "recipe": recipe.source,
-        "dataset": ", ".join(recipe.data.eval_files) or recipe.data.dataset_name,
+        "dataset": ", ".join(recipe.data.eval_files) or recipe.data.data_label,
         "headline": headline,
         "models": columns,
     }
@@ -52,7 +52,9 @@ def write_table(folder: Path, columns: dict[str, dict], task, recipe) -> tuple[P
     lines = [f"# Evaluation: {task.name}", ""]
     lines += [f"- **{key}**: {columns[key]['model']}" for key in keys]
     files = recipe.data.eval_files
-    held_out = ", ".join(files) or f"{recipe.data.eval_split_size} of {recipe.data.dataset_name} held out"
+    held_out = ", ".join(files) or f"{recipe.data.eval_split_size} of {recipe.data.data_label} held out" + (
+        " (of each source)" if recipe.data.dataset_mixture is not None else ""
+    )
     caps = [n for n in (recipe.data.max_eval_samples, recipe.task.metric_max_samples) if n]
     count = next((c["metrics"]["n"] for c in columns.values() if isinstance(c["metrics"].get("n"), int)), None)
     scored = f", at most {min(caps)} rows" + (" of each file" if len(files) > 1 else "") if caps else ""

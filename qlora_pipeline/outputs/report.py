@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.outputs import sources_table
 
 # file name → alt text in report.md, in report order
 PLOTS = {
@@ -430,6 +431,22 @@ def _data_section(summary: dict, recipe: dict) -> list[str]:
         f"Lengths are tokens per example (prompt + answer), before truncation; {limit}"
         + (f", longer examples are {'dropped' if policy == 'drop' else 'truncated'}." if policy else "."),
     ]
+    by_source = sources_table.markdown_table(splits)
+    if by_source:
+        lines += ["", "### Sources", "", *by_source, ""]
+        lines.append(
+            "Rows read = train (distinct rows in the training set) + eval + skipped + unused; draws: training "
+            "examples drawn from the source; share: of the training examples; the last two columns are shares of "
+            "its training examples."
+        )
+    checks = splits.get("checks")
+    if isinstance(checks, dict):
+        lines += [
+            "",
+            f"Data checks: {checks.get('duplicates', 0)} duplicate training rows, {checks.get('overlaps', 0)} "
+            f"training rows repeating a held-out prompt, {checks.get('dropped', 0)} left out"
+            + (" (listed in data_checks.json)." if checks.get("duplicates") or checks.get("overlaps") else "."),
+        ]
     return lines
 
 
@@ -481,6 +498,9 @@ def write_report(run_dir: Path) -> Path:
         described.append(f"base model `{recipe['model_name_or_path']}`")
     if recipe.get("dataset_name"):
         described.append(f"data `{recipe['dataset_name']}`")
+    elif isinstance(recipe.get("dataset_mixture"), list):
+        paths = [str(entry.get("path")) for entry in recipe["dataset_mixture"] if isinstance(entry, dict)]
+        described.append("data: a mixture of " + ", ".join(f"`{path}`" for path in paths))
     lines += [", ".join(described) + ".", ""]
     lines += _summary_section(summary, metrics) + [""]
     lines += _eval_section(summary, metrics) + [""]

@@ -47,9 +47,12 @@ def estimate_label_share(recipe, rows: int, length: int, cache: dict | None = No
     keeps the tokenized rows by length, for planning many batch sizes."""
     import numpy as np
 
-    name = recipe.data.dataset_name
-    if not (samples.is_embedded(name) or Path(name).expanduser().exists()):
-        raise PipelineError(f"{name} is on the Hub, not downloaded to plan")
+    data = recipe.data
+    paths = [source.path for source in data.sources] if data.dataset_mixture is not None else [data.dataset_name]
+    for path in paths:
+        if not (samples.is_embedded(path) or Path(path).expanduser().exists()):
+            raise PipelineError(f"{path} is on the Hub, not downloaded to plan")
+    name = data.data_label
     cache = {} if cache is None else cache
     if length not in cache:
         try:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.errors import RecipeError
+from qlora_pipeline.recipe.mixture import parse_mixture
 from qlora_pipeline.recipe.task_settings import SETTINGS as TASK_SETTINGS
 from qlora_pipeline.sizes import parse_size
 
@@ -37,9 +38,16 @@ def check_combinations(values: dict[str, Any], origin: dict[str, str]) -> list[s
     """Reject settings that cannot work together, naming the keys. Returns notes for fixable ones."""
     fail = failer(origin)
     notes: list[str] = []
-    for key in ("model_name_or_path", "dataset_name"):
-        if not values.get(key):
-            fail(key, "is required")
+    if not values.get("model_name_or_path"):
+        fail("model_name_or_path", "is required")
+    if values.get("dataset_mixture") is not None:
+        if values.get("dataset_name"):
+            fail("dataset_mixture", "and dataset_name are both set; give one (a mixture lists every source)")
+        if values["task"] != "causal_lm":
+            fail("dataset_mixture", f"mixes instruction rows for causal_lm, not task '{values['task']}'")
+        parse_mixture(values["dataset_mixture"], values, fail)
+    elif not values.get("dataset_name"):
+        fail("dataset_name", "is required (or dataset_mixture: a list of sources)")
     for key in ("model_name_or_path", "tokenizer_name_or_path"):
         name = values.get(key)
         if name and _looks_like_a_path(name) and not Path(name).expanduser().exists():

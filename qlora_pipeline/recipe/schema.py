@@ -1,7 +1,8 @@
 """The recipe's schema: seven dataclasses whose fields are the recipe's keys, and `Recipe`, the parsed whole.
 
 - `ModelArguments`: TRL's `ModelConfig` (model id, dtype, 4/8-bit, LoRA) plus the few fields it lacks;
-- `DataArguments`: where the rows come from, their columns, the prompt template, the split;
+- `DataArguments`: where the rows come from (one dataset, or a mixture of sources: recipe/mixture.py), their
+  columns, the prompt template, the split, and what the data checks do with duplicates and train/eval overlap;
 - `TaskArguments`: which task (causal LM, extractive QA, classification, seq2seq; qlora_pipeline/tasks/) and its
   settings;
 - TRL's `SFTConfig`: everything the trainer takes;
@@ -22,6 +23,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from qlora_pipeline.errors import RecipeError
+from qlora_pipeline.recipe.mixture import parse_mixture
 
 # Fields that hold credentials: they must come from the environment, never from a recipe or a saved config.
 SECRET_FIELDS = ("hub_token",)
@@ -44,6 +48,22 @@ class DataArguments:
         default=None,
         metadata={
             "help": "Hub dataset id, a local .jsonl/.json/.csv/.parquet file or folder, or 'embedded:medtuned-sample'."
+        },
+    )
+    dataset_mixture: list[dict[str, Any]] | None = field(
+        default=None,
+        metadata={
+            "help": "causal_lm: several sources instead of dataset_name, each a mapping: path (as dataset_name), "
+            "name, config, split, column mapping, template, weight (share of the training examples) or rows / "
+            "fraction (with replace), streaming. Held-out rows are drawn from each source. See recipe/mixture.py."
+        },
+    )
+    mixture_stopping: Literal["first_exhausted", "all_exhausted"] = field(
+        default="first_exhausted",
+        metadata={
+            "help": "A weighted mixture ends when its first source runs out (first_exhausted: no row used twice; "
+            "the other sources' rows left are counted as unused) or when every source has been used whole "
+            "(all_exhausted: smaller sources repeat)."
         },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
@@ -87,10 +107,42 @@ class DataArguments:
             "folder's skipped_rows.jsonl. A file that cannot be read at all is an error either way."
         },
     )
+    on_duplicate_rows: Literal["warn", "drop", "error"] = field(
+        default="warn",
+        metadata={
+            "help": "Training rows identical to an earlier one (instruction, input and output, whitespace "
+            "normalised): listed and kept (warn), left out (drop, listed with the skipped rows), or an error."
+        },
+    )
+    on_eval_overlap: Literal["error", "warn", "drop"] = field(
+        default="error",
+        metadata={
+            "help": "Training rows with the same instruction and input as a held-out row make every eval figure "
+            "optimistic: an error listing them (default), a warning, or left out of training (drop)."
+        },
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Use only the first N eval rows (of each eval file, where several)."}
     )
+
+    @property
+    def sources(self) -> list:
+        """dataset_mixture's sources (recipe/mixture.MixtureSource), defaults filled in; [] with dataset_name."""
+        if self.dataset_mixture is None:
+            return []
+
+        def fail(key: str, message: str):
+            raise RecipeError(f"recipe: key '{key}': {message}")
+
+        return parse_mixture(self.dataset_mixture, dataclasses.asdict(self), fail)
+
+    @property
+    def data_label(self) -> str:
+        """What the training rows are, in a message or a report: dataset_name, or the mixture's source names."""
+        if self.dataset_mixture is None:
+            return str(self.dataset_name)
+        return " + ".join(source.name for source in self.sources)
 
     @property
     def eval_files(self) -> list[str]:

@@ -199,7 +199,7 @@ def check_examples(prepared, recipe: Recipe):
     rows = prepared.eval_rows
     if rows is None or len(rows) == 0:
         raise PipelineError(
-            f"export-gguf: {recipe.data.dataset_name} holds out no rows, so the files cannot be checked; set "
+            f"export-gguf: {recipe.data.data_label} holds out no rows, so the files cannot be checked; set "
             f"eval_split_size"
         )
     instruction, input_column, output = columns_of(recipe.data)

@@ -7,6 +7,8 @@ A run folder holds:
   metrics.jsonl       every log line of the trainer, one JSON object per line
   summary.json        the end-of-run summary that is also printed
   auto_settings.json  what the planner chose for the recipe's `auto` settings (read again on --resume)
+  skipped_rows.jsonl  rows left out (on_bad_rows: skip, data checks' drop), each with file, line and reason
+  data_checks.json    duplicate rows and train/eval overlap the data checks found, each with file and line
   evaluation.json/.md the task metric on the held-out rows, before and after training (tasks with a metric)
   generations/        every answer of a generation metric, before and after training
   merged/             the merged export, once `qlora-pipeline merge` (or push_to_hub: true) has run
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.data import rows as data_rows
+from qlora_pipeline.data.checks import CHECKS_FILE
 from qlora_pipeline.errors import Interrupted, PipelineError
 from qlora_pipeline.model import loading
 from qlora_pipeline.outputs import tracking
@@ -79,8 +82,7 @@ def run(
         print(describe_batch(recipe.training, state.num_processes))
 
     # 5. Tracking: the W&B run (offline without a key), started before the first evaluation logs into it.
-    data_summary = {"train": prepared.train.stats(), "eval": prepared.eval.stats() if prepared.eval else None}
-    data_summary.update(prepared.accounting or {})
+    data_summary = prepared.data_summary()
     tracker, tracking_notes = start_tracking(recipe, trainer, run_dir, data_summary, resume=checkpoint is not None)
     notes += tracking_notes
     non_padding = non_padding_fraction(trainer)
@@ -166,8 +168,8 @@ def say_notes(notes: list[str], main_process: bool) -> list[str]:
 
 
 def record_data(recipe: Recipe, prepared: PreparedData, run_dir: Path, main_process: bool) -> list[str]:
-    """The recipe's and the data's notes, printed; recipe.yaml, skipped_rows.jsonl and repaired_rows.jsonl written
-    (main process)."""
+    """The recipe's and the data's notes, printed; recipe.yaml, skipped_rows.jsonl, repaired_rows.jsonl and
+    data_checks.json written (main process)."""
     notes = say_notes(recipe.notes + prepared.notes, main_process)
     if main_process:
         recipe.save(run_dir / "recipe.yaml")
@@ -177,6 +179,10 @@ def record_data(recipe: Recipe, prepared: PreparedData, run_dir: Path, main_proc
         if prepared.repaired:
             data_rows.write_records(run_dir / data_rows.REPAIRED_FILE, prepared.repaired)
             print(f"note: the {len(prepared.repaired)} repairs are listed in {run_dir / data_rows.REPAIRED_FILE}")
+        checks = prepared.checks
+        if checks is not None and (checks.duplicates or checks.overlaps):
+            (run_dir / CHECKS_FILE).write_text(json.dumps(checks.to_dict(), indent=2, ensure_ascii=False) + "\n")
+            print(f"note: the data checks' findings are listed in {run_dir / CHECKS_FILE}")
     return notes
 
 

@@ -50,6 +50,16 @@ class PreparedData:
     eval_rows: Any = None  # the held-out rows as read (datasets.Dataset): gold answers and labels for the metric
     extra: dict = field(default_factory=dict)  # task-specific facts (e.g. label names), saved nowhere by the flow
     repaired: list[dict] = field(default_factory=list)  # slips fixed in kept rows (rows.RowSource.repaired)
+    checks: Any = None  # what the data checks found (data/checks.DataChecks; causal LM)
+
+    def data_summary(self) -> dict:
+        """The splits' statistics and where every row went (per source in a mixture), with what the data checks
+        found: summary.json's `data`, the tracker's, and what `preprocess` prints."""
+        summary = {"train": self.train.stats(), "eval": self.eval.stats() if self.eval else None}
+        summary.update(self.accounting or {})
+        if self.checks is not None:
+            summary["checks"] = self.checks.summary()
+        return summary
 
     @classmethod
     def from_splits(cls, tokenizer, template, notes, train: Split, held_out: Split, *, after=(), extra=None):

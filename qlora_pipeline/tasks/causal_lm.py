@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+from qlora_pipeline.data import checks as data_checks
+from qlora_pipeline.data import mixture
 from qlora_pipeline.data import rows as data_mod
 from qlora_pipeline.data import tokenize as tokens
 from qlora_pipeline.data.templates import PromptTemplate, get_template
@@ -33,48 +35,62 @@ class CausalLMTask(Task):
         return generation_metric_names(recipe)
 
     def prepare_data(self, recipe) -> PreparedData:
-        """Tokenizer and tokenized train/eval splits, without loading the model."""
+        """Tokenizer and tokenized train/eval splits, checked (data/checks.py), without loading the model."""
         from accelerate import PartialState
 
         template = get_template(recipe.data.template)
         tokenizer, notes = self.load_tokenizer(recipe)
-        max_length = recipe.training.max_length
+        max_length, seed = recipe.training.max_length, recipe.training.seed
         scores_medtuned = recipe.task.generation_metric == "medtuned"
         family = recipe.task.metric_family_column if scores_medtuned else None
+        extra_columns = (("metric_family_column", family),) if family else ()
         columns = data_mod.instruction_columns(recipe.data)
-        if family:
-            columns = dataclasses.replace(columns, optional=(*columns.optional, ("metric_family_column", family)))
-        files = recipe.data.eval_files
+        columns = dataclasses.replace(columns, optional=(*columns.optional, *extra_columns))
+        files, parts = recipe.data.eval_files, None
         # The main process tokenizes and fills the datasets cache; the others then read it.
         with PartialState().main_process_first():
-            train_rows = data_mod.load_rows(recipe.data.dataset_name, recipe.data, columns=None if files else columns)
-            eval_rows = None
-            if len(files) == 1:
-                eval_rows = data_mod.load_rows(files[0], recipe.data, columns=columns)
-            elif files:
-                loaded = [data_mod.load_rows(name, recipe.data, columns=columns) for name in files]
-                names = _unique_names([medtuned.source_name(name) for name in files])
-                eval_rows = data_mod.combine_sources(loaded, names, recipe.data.max_eval_samples)
-            train_set, eval_set = data_mod.split_train_eval(
-                train_rows, recipe.data, recipe.training.seed, eval_rows, locate=scores_medtuned
-            )
+            eval_rows = _load_eval_files(recipe.data, files, columns)
+            if recipe.data.dataset_mixture is None:
+                data = recipe.data
+                train_rows = data_mod.load_rows(data.dataset_name, data, columns=None if files else columns)
+                train_set, eval_set = data_mod.split_train_eval(train_rows, data, seed, eval_rows, locate=True)
+                checks = data_checks.check_train_and_eval(train_set, eval_set, data)
+                train_set = _leave_out(train_set, checks.dropped, train_rows)
+            else:
+                data = recipe.data
+                parts = mixture.load_sources(data, seed, extra_columns, hold_out=not files)
+                eval_set = mixture.held_out(parts) if not files else data_mod.held_out_rows(eval_rows, data, True)
+                checks = data_checks.check_train_and_eval(mixture.candidates(parts), eval_set, data)
+                mixture.drop_rows(parts, checks.dropped)
+                train_set = mixture.mix(parts, data, seed)
             found = None
             if scores_medtuned and eval_set is not None:
-                eval_set, found, found_notes = _recognise_medtuned(recipe, eval_set, eval_rows or train_rows)
+                owner = _skipped_rows_owner(eval_rows or (train_rows if parts is None else None), parts)
+                eval_set, found, found_notes = _recognise_medtuned(recipe, data, eval_set, owner)
                 notes += found_notes
-            train = tokens.tokenize(train_set, tokenizer, template, recipe.data, max_length, "train")
+            templates = _source_templates(parts, template, tokenizer)
+            train = tokens.tokenize(train_set, tokenizer, template, data, max_length, "train", templates)
             evaluation = (
-                tokens.tokenize(eval_set, tokenizer, template, recipe.data, max_length, "eval") if eval_set else None
+                tokens.tokenize(eval_set, tokenizer, template, data, max_length, "eval", templates)
+                if eval_set
+                else None
             )
         if recipe.task.generation_metric == "symptoms" and eval_set is not None:
             from qlora_pipeline.tasks.metrics.symptoms import check_rows
 
-            where = ", ".join(files) or recipe.data.dataset_name
-            notes += check_rows(eval_set, recipe.data.instruction_column, recipe.data.output_column, where)
-        tokens.check_rows_left((train, evaluation), recipe.data.dataset_name, max_length, "example")
-        train_split, held_out = Split(train_rows, train_set, train), Split(eval_rows, eval_set, evaluation)
+            where = ", ".join(files) or data.data_label
+            notes += check_rows(eval_set, data.instruction_column, data.output_column, where)
+        tokens.check_rows_left((train, evaluation), data.data_label, max_length, "example")
+        train_source = train_rows if parts is None else mixture.combined_source(parts)
+        train_split, held_out = Split(train_source, train_set, train), Split(eval_rows, eval_set, evaluation)
         extra = {"medtuned_rows": found} if scores_medtuned else {}
-        return PreparedData.from_splits(tokenizer, template, notes, train_split, held_out, extra=extra)
+        prepared = PreparedData.from_splits(
+            tokenizer, template, notes, train_split, held_out, after=checks.notes, extra=extra
+        )
+        prepared.checks = checks
+        if parts is not None:
+            prepared.accounting = mixture.accounting(parts, train_set, eval_set, eval_rows)
+        return prepared
 
     def fit_tokenizer(self, tokenizer, recipe) -> list[str]:
         return fit_end_and_pad_tokens(tokenizer, get_template(recipe.data.template))
@@ -146,6 +162,54 @@ class CausalLMTask(Task):
         return {}
 
 
+def _load_eval_files(data, files: list[str], columns):
+    """The recipe's eval file, or several as one set (each row named by its file), or None."""
+    if len(files) == 1:
+        return data_mod.load_rows(files[0], data, columns=columns)
+    if not files:
+        return None
+    loaded = [data_mod.load_rows(name, data, columns=columns) for name in files]
+    names = _unique_names([medtuned.source_name(name) for name in files])
+    return data_mod.combine_sources(loaded, names, data.max_eval_samples)
+
+
+def _leave_out(train_set, dropped: dict[int, str], owner):
+    """The training rows less those the data checks dropped, each listed with `owner`'s skipped rows."""
+    if not dropped:
+        return train_set
+    rows = data_mod.column_values(train_set, data_mod.ROW_COLUMN)
+    owner.skipped += [data_mod.Where.parse(rows[i]).record(reason) for i, reason in sorted(dropped.items())]
+    return train_set.select([i for i in range(len(train_set)) if i not in dropped])
+
+
+def _skipped_rows_owner(source, parts):
+    """owner(row's source name): the RowSource whose skipped rows list a held-out row left out. A mixture's held-out
+    rows belong to their own source; eval files' and a single dataset's to that RowSource."""
+    if source is not None:
+        return lambda name: source
+    by_name = {part.source.name: part.loaded for part in parts}
+    return lambda name: by_name[name]
+
+
+def _source_templates(parts, template: PromptTemplate, tokenizer) -> dict[str, PromptTemplate]:
+    """A mixture's sources with a template of their own, by name. Every answer must end with the same token, or
+    the model would learn two ways to stop and inference would know one."""
+    found = {}
+    end = template.end_token_for(tokenizer)
+    for part in parts or []:
+        if part.source.template == template.name:
+            continue
+        own = get_template(part.source.template)
+        if own.end_token_for(tokenizer) != end:
+            raise DataError(
+                f"dataset_mixture: source '{part.source.name}': template '{own.name}' ends answers with "
+                f"{own.end_token_for(tokenizer)!r}, the recipe's template '{template.name}' with {end!r}; a model "
+                "learns one way to stop, so use one end token"
+            )
+        found[part.source.name] = own
+    return found
+
+
 def _unique_names(names: list[str]) -> list[str]:
     """Held-out file names, numbered where two files share one ('dev', 'dev-2')."""
     seen: dict[str, int] = {}
@@ -156,21 +220,25 @@ def _unique_names(names: list[str]) -> list[str]:
     return unique
 
 
-def _recognise_medtuned(recipe, eval_set, owner):
+def _recognise_medtuned(recipe, data, eval_set, owner):
     """Before the model loads: each held-out row's MedTuned family and gold answer. A gold answer that does not
     parse as its family is a bad row: an error naming file and line, or (on_bad_rows: skip) left out of the eval
-    set and listed with the skipped rows of `owner`, the RowSource it came from. Returns (eval rows, recognised
-    rows, notes)."""
-    data = recipe.data
-    default = medtuned.source_name(data.eval_files[0] if data.eval_files else data.dataset_name)
-    locations = eval_set[data_mod.ROW_COLUMN]
+    set and listed with the skipped rows of `owner(source name)`, the RowSource it came from. `data`: the data
+    arguments with the rows' column names. Returns (eval rows, recognised rows, notes)."""
+    default = medtuned.source_name(data.eval_files[0] if data.eval_files else data.data_label)
+    locations = data_mod.column_values(eval_set, data_mod.ROW_COLUMN)
+    sources = (
+        data_mod.column_values(eval_set, data_mod.SOURCE_COLUMN)
+        if data_mod.SOURCE_COLUMN in eval_set.column_names
+        else None
+    )
     dropped: list[int] = []
 
     def bad(index: int, reason: str) -> None:
         where = data_mod.Where.parse(locations[index])
         if data.on_bad_rows != "skip":
             raise DataError(f"{where}: {reason}")
-        owner.skipped.append(where.record(reason))
+        owner(sources[index] if sources else None).skipped.append(where.record(reason))
         dropped.append(index)
 
     def recognise(rows, where):
@@ -181,12 +249,12 @@ def _recognise_medtuned(recipe, eval_set, owner):
     if dropped:
         skipped = set(dropped)
         eval_set = eval_set.select([i for i in range(len(eval_set)) if i not in skipped])
-        locations = eval_set[data_mod.ROW_COLUMN]
+        locations = data_mod.column_values(eval_set, data_mod.ROW_COLUMN)
         found = recognise(eval_set, locations.__getitem__)
         notes.append(
             f"generation_metric medtuned: {len(dropped)} held-out rows whose gold answer does not parse were skipped"
         )
-    notes += medtuned.check_found(found, ", ".join(data.eval_files) or data.dataset_name)
+    notes += medtuned.check_found(found, ", ".join(data.eval_files) or data.data_label)
     return eval_set, found, notes
 
 
