@@ -152,7 +152,7 @@ def test_planted_overlap_stops_the_run_and_every_finding_names_file_and_line(tmp
         tmp_path / "recipe.yaml", output_dir=str(tmp_path / "run"), dataset_name=str(train), eval_file=str(held_out)
     )
     refused = assert_clean_error(cli_in_process("preprocess", str(recipe)), f"{train}:6 = {held_out}:2")
-    assert "1 training rows have the same instruction and input as a held-out row" in refused
+    assert "1 training row has the same instruction and input as a held-out row" in refused
     assert "on_eval_overlap: drop" in refused
     # train refuses the same way, before the model loads: no adapter, no checkpoint.
     assert_clean_error(cli_in_process("train", str(recipe)), f"{train}:6 = {held_out}:2")

@@ -105,8 +105,9 @@ def check_train_and_eval(train, eval_set, data_args) -> DataChecks:
         checks.overlaps,
         data_args.on_eval_overlap,
         "on_eval_overlap",
-        "training rows have the same instruction and input as a held-out row (training row = held-out row), so "
-        "the eval figures would be measured on questions the model was trained on",
+        ("training row has", "training rows have"),
+        "the same instruction and input as a held-out row (training row = held-out row), so the eval figures "
+        "would be measured on questions the model was trained on",
         "same instruction and input as held-out row {first} (on_eval_overlap: drop)",
     )
     _apply(
@@ -114,8 +115,8 @@ def check_train_and_eval(train, eval_set, data_args) -> DataChecks:
         checks.duplicates,
         data_args.on_duplicate_rows,
         "on_duplicate_rows",
-        "training rows repeat an earlier one exactly (instruction, input and output, whitespace normalised; "
-        "copy = first)",
+        ("training row repeats", "training rows repeat"),
+        "an earlier one exactly (instruction, input and output, whitespace normalised; copy = first)",
         "duplicate of {first} (on_duplicate_rows: drop)",
     )
     return checks
@@ -133,17 +134,19 @@ def _by_place(pair: tuple[str, str]) -> tuple:
 
 def _prompt_keys(dataset, instruction: str, input_column: str | None) -> list[str]:
     """Each row's instruction and input, normalised, as one string (a separator no text holds between them)."""
-    inputs = column_values(dataset, input_column) if input_column and input_column in dataset.column_names else None
     instructions = column_values(dataset, instruction)
-    if inputs is None:
-        return [normalise(text) for text in instructions]
+    if input_column and input_column in dataset.column_names:
+        inputs = column_values(dataset, input_column)
+    else:  # no input is an empty input, on either side
+        inputs = [None] * len(instructions)
     return [normalise(text) + "\x1f" + normalise(extra) for text, extra in zip(instructions, inputs)]
 
 
-def _apply(checks: DataChecks, found: list[Finding], policy: str, key: str, what: str, reason: str) -> None:
+def _apply(checks: DataChecks, found: list[Finding], policy: str, key: str, subject, what: str, reason: str) -> None:
+    """The policy for one kind of finding: an error, a note (warn), or the rows marked to leave out (drop)."""
     if not found:
         return
-    count = f"{len(found)} {what}"
+    count = f"{len(found)} {subject[len(found) != 1]} {what}"
     if policy == "error":  # one line: the first findings, and where to see them all
         shown = ", ".join(map(str, found[:ERROR_SHOWN])) + (", …" if len(found) > ERROR_SHOWN else "")
         remedy = "drop (leave them out of training) or warn (keep them)" if key == "on_eval_overlap" else "drop or warn"

@@ -5,7 +5,9 @@ Per source, in order:
    its columns renamed to the recipe's (instruction_column, input_column, output_column: the mixture's);
 2. its held-out rows drawn by the seed (eval_split_size of each source, so every source is evaluated and scored
    under its own name), unless the recipe gives eval_file;
-3. the rows in play: all, or `rows` / `fraction` of them drawn by the seed, with replacement where `replace: true`.
+3. after the data checks (data/checks.py, over every source's training rows: `candidates`) have left out what a
+   `drop` policy drops (`drop_rows`), the rows in play: all, or `rows` / `fraction` of them drawn by the seed, with
+   replacement where `replace: true`.
 
 Then the sources become one training set with `datasets`: `interleave_datasets` with the weights as probabilities
 (`mixture_stopping`: stop when the first source runs out, or when all have), else `concatenate_datasets`, shuffled
@@ -41,8 +43,8 @@ from qlora_pipeline.errors import DataError, first_line
 
 @dataclass
 class SourceRows:
-    """One source: what was read (`loaded`, its counts and skipped rows), its training rows in play and its held-out
-    rows, both with the mixture's columns, SOURCE_COLUMN and ROW_COLUMN."""
+    """One source: what was read (`loaded`: its counts, skipped rows, notes), its training rows (before any is drawn)
+    and its held-out rows, both with the recipe's column names, SOURCE_COLUMN and ROW_COLUMN."""
 
     source: object  # recipe.mixture.MixtureSource
     loaded: RowSource
@@ -66,10 +68,7 @@ def load_sources(data_args, seed: int, extra_columns: tuple[tuple[str, str], ...
                 input_column=source.input_column,
                 output_column=source.output_column,
             )
-            columns = instruction_columns(args)
-            named = tuple((f"{key} of source '{source.name}' in dataset_mixture", c) for key, c in columns.required)
-            optional = tuple((f"{key} of source '{source.name}' in dataset_mixture", c) for key, c in columns.optional)
-            columns = Columns(required=named, optional=(*optional, *extra_columns))
+            columns = _source_columns(args, source, extra_columns)
             if source.streaming:
                 loaded = _stream(source, args, columns)
             else:
@@ -78,6 +77,17 @@ def load_sources(data_args, seed: int, extra_columns: tuple[tuple[str, str], ...
             train, held_out = _hold_out(rows, source, data_args, seed, hold_out)
             parts.append(SourceRows(source, loaded, train, held_out))
     return parts
+
+
+def _source_columns(args, source, extra_columns) -> Columns:
+    """The columns a source's rows must hold, each named by the source key that maps it (for the error that says
+    which key to set)."""
+    columns = instruction_columns(args)
+
+    def named(pairs):
+        return tuple((f"{key} of source '{source.name}' in dataset_mixture", column) for key, column in pairs)
+
+    return Columns(required=named(columns.required), optional=(*named(columns.optional), *extra_columns))
 
 
 def _stream(source, args, columns: Columns) -> RowSource:

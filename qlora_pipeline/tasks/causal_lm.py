@@ -38,35 +38,39 @@ class CausalLMTask(Task):
         """Tokenizer and tokenized train/eval splits, checked (data/checks.py), without loading the model."""
         from accelerate import PartialState
 
-        template = get_template(recipe.data.template)
+        data, template = recipe.data, get_template(recipe.data.template)
         tokenizer, notes = self.load_tokenizer(recipe)
         max_length, seed = recipe.training.max_length, recipe.training.seed
         scores_medtuned = recipe.task.generation_metric == "medtuned"
         family = recipe.task.metric_family_column if scores_medtuned else None
         extra_columns = (("metric_family_column", family),) if family else ()
-        columns = data_mod.instruction_columns(recipe.data)
+        columns = data_mod.instruction_columns(data)
         columns = dataclasses.replace(columns, optional=(*columns.optional, *extra_columns))
-        files, parts = recipe.data.eval_files, None
+        files, train_rows, parts = data.eval_files, None, None
         # The main process tokenizes and fills the datasets cache; the others then read it.
         with PartialState().main_process_first():
-            eval_rows = _load_eval_files(recipe.data, files, columns)
-            if recipe.data.dataset_mixture is None:
-                data = recipe.data
+            # 1. Rows: the eval file(s); the training rows, one dataset split by seed or each source of a mixture.
+            eval_rows = _load_eval_files(data, files, columns)
+            if data.dataset_mixture is None:
                 train_rows = data_mod.load_rows(data.dataset_name, data, columns=None if files else columns)
                 train_set, eval_set = data_mod.split_train_eval(train_rows, data, seed, eval_rows, locate=True)
-                checks = data_checks.check_train_and_eval(train_set, eval_set, data)
+                candidates = train_set
+            else:
+                parts = mixture.load_sources(data, seed, extra_columns, hold_out=not files)
+                eval_set = data_mod.held_out_rows(eval_rows, data, locate=True) if files else mixture.held_out(parts)
+                candidates = mixture.candidates(parts)
+            # 2. Checks: duplicates and train/eval overlap, before anything is drawn or tokenized.
+            checks = data_checks.check_train_and_eval(candidates, eval_set, data)
+            if parts is None:
                 train_set = _leave_out(train_set, checks.dropped, train_rows)
             else:
-                data = recipe.data
-                parts = mixture.load_sources(data, seed, extra_columns, hold_out=not files)
-                eval_set = mixture.held_out(parts) if not files else data_mod.held_out_rows(eval_rows, data, True)
-                checks = data_checks.check_train_and_eval(mixture.candidates(parts), eval_set, data)
                 mixture.drop_rows(parts, checks.dropped)
                 train_set = mixture.mix(parts, data, seed)
+            # 3. The held-out rows' task families (generation_metric medtuned), then tokenization.
             found = None
             if scores_medtuned and eval_set is not None:
-                owner = _skipped_rows_owner(eval_rows or (train_rows if parts is None else None), parts)
-                eval_set, found, found_notes = _recognise_medtuned(recipe, data, eval_set, owner)
+                owner = _skipped_rows_owner(eval_rows, train_rows, parts)
+                eval_set, found, found_notes = _recognise_medtuned(recipe, eval_set, owner)
                 notes += found_notes
             templates = _source_templates(parts, template, tokenizer)
             train = tokens.tokenize(train_set, tokenizer, template, data, max_length, "train", templates)
@@ -81,6 +85,7 @@ class CausalLMTask(Task):
             where = ", ".join(files) or data.data_label
             notes += check_rows(eval_set, data.instruction_column, data.output_column, where)
         tokens.check_rows_left((train, evaluation), data.data_label, max_length, "example")
+        # 4. Every row accounted for (per source in a mixture).
         train_source = train_rows if parts is None else mixture.combined_source(parts)
         train_split, held_out = Split(train_source, train_set, train), Split(eval_rows, eval_set, evaluation)
         extra = {"medtuned_rows": found} if scores_medtuned else {}
@@ -182,10 +187,11 @@ def _leave_out(train_set, dropped: dict[int, str], owner):
     return train_set.select([i for i in range(len(train_set)) if i not in dropped])
 
 
-def _skipped_rows_owner(source, parts):
-    """owner(row's source name): the RowSource whose skipped rows list a held-out row left out. A mixture's held-out
-    rows belong to their own source; eval files' and a single dataset's to that RowSource."""
-    if source is not None:
+def _skipped_rows_owner(eval_rows, train_rows, parts):
+    """owner(row's source name): the RowSource whose skipped rows list a held-out row left out: the eval file(s)'
+    where the recipe gives them, else the one dataset's, else (a mixture) the row's own source's."""
+    if eval_rows is not None or parts is None:
+        source = eval_rows if eval_rows is not None else train_rows
         return lambda name: source
     by_name = {part.source.name: part.loaded for part in parts}
     return lambda name: by_name[name]
@@ -220,11 +226,12 @@ def _unique_names(names: list[str]) -> list[str]:
     return unique
 
 
-def _recognise_medtuned(recipe, data, eval_set, owner):
+def _recognise_medtuned(recipe, eval_set, owner):
     """Before the model loads: each held-out row's MedTuned family and gold answer. A gold answer that does not
     parse as its family is a bad row: an error naming file and line, or (on_bad_rows: skip) left out of the eval
-    set and listed with the skipped rows of `owner(source name)`, the RowSource it came from. `data`: the data
-    arguments with the rows' column names. Returns (eval rows, recognised rows, notes)."""
+    set and listed with the skipped rows of `owner(row's source name)`, the RowSource it came from. Returns (eval
+    rows, recognised rows, notes)."""
+    data = recipe.data
     default = medtuned.source_name(data.eval_files[0] if data.eval_files else data.data_label)
     locations = data_mod.column_values(eval_set, data_mod.ROW_COLUMN)
     sources = (
