@@ -108,8 +108,8 @@ def test_resume_continues_at_the_saved_step(tmp_path):
     assert logged == [1, 2, 3, 4], "the resumed run logs steps 3 and 4, not 1 and 2 again"
 
 
-def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_recipe):
-    result = run_cli("train", str(tiny_recipe), "--resume")
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_recipe, cli_in_process):
+    result = cli_in_process("train", str(tiny_recipe), "--resume")
     assert_clean_error(result, "no checkpoint")
 
 

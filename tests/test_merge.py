@@ -167,9 +167,9 @@ def _fingerprint(folder: Path) -> dict[str, str]:
     }
 
 
-def test_existing_export_is_not_replaced_without_overwrite(merged_run):
+def test_existing_export_is_not_replaced_without_overwrite(merged_run, cli_in_process):
     before = _fingerprint(merged_run["export"])
-    result = run_cli("merge", str(merged_run["run"]), "--dtype", "fp32")
+    result = cli_in_process("merge", str(merged_run["run"]), "--dtype", "fp32")
     assert_clean_error(result, str(merged_run["export"]), "--overwrite")
     assert _fingerprint(merged_run["export"]) == before
 
@@ -201,13 +201,14 @@ def test_interrupted_merge_leaves_no_complete_looking_folder(merged_run, tmp_pat
         pytest.param(["RUN", "--prompts", "0"], ["merge_fidelity_prompts", "at least 1"], id="zero-prompts"),
     ],
 )
-def test_merge_input_errors(merged_run, args, fragments):
+def test_merge_input_errors(merged_run, args, fragments, cli_in_process):
     args = [str(merged_run["run"]) if a == "RUN" else a for a in args]
-    result = run_cli("merge", *args)
-    if "--dtype" in args:  # argparse's own message for a bad choice: usage plus one error line
+    if "--dtype" in args:  # argparse's own message for a bad choice: usage plus one error line, and its exit
+        result = run_cli("merge", *args)
         assert result.returncode == 2 and "invalid choice: 'int4'" in result.stderr and "Traceback" not in result.stderr
         return
-    assert_clean_error(result, *fragments)
+    # Refused before any model loads: in this process (a subprocess would only add its torch import).
+    assert_clean_error(cli_in_process("merge", *args), *fragments)
 
 
 def test_push_to_hub_recipe_trains_merges_then_fails_cleanly_offline(tmp_path):

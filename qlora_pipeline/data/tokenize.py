@@ -18,7 +18,7 @@ from qlora_pipeline.data.templates import PromptTemplate
 from qlora_pipeline.errors import DataError
 
 # Bump when `tokenize` changes what it writes, so cached results from older code are not reused.
-TOKENIZE_VERSION = "1"
+TOKENIZE_VERSION = "2"
 
 
 @dataclass
