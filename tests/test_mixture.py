@@ -200,6 +200,8 @@ def test_a_mixture_finds_overlap_across_sources_and_trains_with_it_dropped(tmp_p
             "reason": f"same instruction and input as held-out row {held_out}:3 (on_eval_overlap: drop)",
         }
     ]
+    findings = json.loads((tmp_path / "run" / "data_checks.json").read_text())
+    assert findings["eval_overlap"] == [{"row": f"{b}:12", "held_out": f"{held_out}:3"}]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     data = summary["data"]
     _adds_up(data)

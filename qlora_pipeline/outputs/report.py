@@ -443,8 +443,8 @@ def _data_section(summary: dict, recipe: dict) -> list[str]:
     if isinstance(checks, dict):
         lines += [
             "",
-            f"Data checks: {checks.get('duplicates', 0)} duplicate training rows, {checks.get('overlaps', 0)} "
-            f"training rows repeating a held-out prompt, {checks.get('dropped', 0)} left out"
+            f"Data checks: duplicate training rows {checks.get('duplicates', 0)}, training rows repeating a "
+            f"held-out prompt {checks.get('overlaps', 0)}, left out {checks.get('dropped', 0)}"
             + (" (listed in data_checks.json)." if checks.get("duplicates") or checks.get("overlaps") else "."),
         ]
     return lines

@@ -64,7 +64,8 @@ class MixtureSource:
 
 
 def short_name(path: str) -> str:
-    """A source's default name: a file's stem, a sample's name, a Hub id's last part."""
+    """A source's (or a held-out file's) short name: a file's stem ('re_gad-train'), a sample's name, a Hub id's last
+    part."""
     path = path.split(":", 1)[1] if path.startswith("embedded:") else path
     return Path(path).stem if Path(path).suffix else path.rstrip("/").rsplit("/", 1)[-1]
 
@@ -89,7 +90,7 @@ def parse_mixture(entries, defaults: dict, fail) -> list[MixtureSource]:
                 close = difflib.get_close_matches(str(key), SOURCE_KEYS, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 bad(index, entry, f"unknown key '{key}'{hint}; a source takes {', '.join(SOURCE_KEYS)}")
-        sources.append(_source(index, entry, defaults, lambda message, i=index, e=entry: bad(i, e, message)))
+        sources.append(_source(entry, defaults, lambda message, i=index, e=entry: bad(i, e, message)))
     weighted = [source.weight is not None for source in sources]
     if any(weighted) and not all(weighted):
         missing = [source.name for source, has in zip(sources, weighted) if not has]
@@ -101,7 +102,7 @@ def parse_mixture(entries, defaults: dict, fail) -> list[MixtureSource]:
     return sources
 
 
-def _source(index: int, entry: dict, defaults: dict, bad) -> MixtureSource:
+def _source(entry: dict, defaults: dict, bad) -> MixtureSource:
     path = entry.get("path")
     if not isinstance(path, str) or not path.strip():
         bad("needs `path`: a Hub dataset id, a local file or folder, or embedded:NAME")

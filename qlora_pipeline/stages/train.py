@@ -181,7 +181,8 @@ def record_data(recipe: Recipe, prepared: PreparedData, run_dir: Path, main_proc
             print(f"note: the {len(prepared.repaired)} repairs are listed in {run_dir / data_rows.REPAIRED_FILE}")
         checks = prepared.checks
         if checks is not None and (checks.duplicates or checks.overlaps):
-            (run_dir / CHECKS_FILE).write_text(json.dumps(checks.to_dict(), indent=2, ensure_ascii=False) + "\n")
+            findings = json.dumps(checks.to_dict(), indent=2, ensure_ascii=False) + "\n"
+            (run_dir / CHECKS_FILE).write_text(findings, encoding="utf-8")
             print(f"note: the data checks' findings are listed in {run_dir / CHECKS_FILE}")
     return notes
 

@@ -20,6 +20,7 @@ from qlora_pipeline.data import tokenize as tokens
 from qlora_pipeline.data.templates import PromptTemplate, get_template
 from qlora_pipeline.errors import DataError
 from qlora_pipeline.model import loading
+from qlora_pipeline.recipe.mixture import short_name
 from qlora_pipeline.tasks.base import PreparedData, Split, Task
 from qlora_pipeline.tasks.fidelity import LogitProbe
 from qlora_pipeline.tasks.metrics import generation_metric_names, medtuned
@@ -174,7 +175,7 @@ def _load_eval_files(data, files: list[str], columns):
     if not files:
         return None
     loaded = [data_mod.load_rows(name, data, columns=columns) for name in files]
-    names = _unique_names([medtuned.source_name(name) for name in files])
+    names = _unique_names([short_name(name) for name in files])
     return data_mod.combine_sources(loaded, names, data.max_eval_samples)
 
 
@@ -232,7 +233,7 @@ def _recognise_medtuned(recipe, eval_set, owner):
     set and listed with the skipped rows of `owner(row's source name)`, the RowSource it came from. Returns (eval
     rows, recognised rows, notes)."""
     data = recipe.data
-    default = medtuned.source_name(data.eval_files[0] if data.eval_files else data.data_label)
+    default = short_name(data.eval_files[0] if data.eval_files else data.data_label)
     locations = data_mod.column_values(eval_set, data_mod.ROW_COLUMN)
     sources = (
         data_mod.column_values(eval_set, data_mod.SOURCE_COLUMN)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from qlora_pipeline.data.rows import SOURCE_COLUMN
 
@@ -196,12 +195,6 @@ def recognise(instruction: str, output: str, family: str | None = None):
             raise ValueError(f"gold answer {output[:80]!r} is not a single label")
         return "single_label", "classification", output.strip(), labels.labels
     return None, None, None, []
-
-
-def source_name(name: str) -> str:
-    """A held-out file's short name: its stem ('re_gad-train'), the sample's name, a Hub id's last part."""
-    name = name.split(":", 1)[1] if name.startswith("embedded:") else name
-    return Path(name).stem if Path(name).suffix else name.rstrip("/").rsplit("/", 1)[-1]
 
 
 def scored_rows(rows, data_args, family_column: str | None, default_source: str, where, bad) -> list[ScoredRow]:
