@@ -122,6 +122,16 @@ def check_train_and_eval(train, eval_set, data_args) -> DataChecks:
     return checks
 
 
+def leave_out(train, dropped: dict[int, str], owner):
+    """The training rows (a datasets.Dataset carrying ROW_COLUMN) less those a `drop` policy left out (index →
+    why), each listed with the skipped rows of `owner`, the RowSource they were read from."""
+    if not dropped:
+        return train
+    rows = column_values(train, ROW_COLUMN)
+    owner.skipped += [Where.parse(rows[i]).record(reason) for i, reason in sorted(dropped.items())]
+    return train.select([i for i in range(len(train)) if i not in dropped])
+
+
 def _place(row: str) -> tuple:
     """A row's place for ordering: file, then line (or row number)."""
     where = Where.parse(row)

@@ -36,6 +36,7 @@ from qlora_pipeline.data.rows import (
     columns_of,
     instruction_columns,
     load_rows,
+    local_files,
     quiet_progress,
 )
 from qlora_pipeline.errors import DataError, first_line
@@ -100,14 +101,7 @@ def _stream(source, args, columns: Columns) -> RowSource:
     local = Path(path).expanduser()
     try:
         if local.suffix.lower() in LOCAL_FORMATS or local.exists():
-            if not local.exists():
-                raise DataError(f"{local}: dataset file not found")
-            files = [local]
-            if local.is_dir():
-                files = sorted(p for p in local.iterdir() if p.suffix.lower() in LOCAL_FORMATS)
-            kind = LOCAL_FORMATS.get(files[0].suffix.lower()) if files else None
-            if kind is None:
-                raise DataError(f"{local}: no .jsonl, .json, .csv or .parquet file to stream")
+            files, kind = local_files(local)
             stream = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", streaming=True)
         else:
             stream = datasets.load_dataset(path, source.config, split=source.split, streaming=True)
@@ -168,17 +162,13 @@ def _hold_out(dataset, source, data_args, seed: int, hold_out: bool):
 def drop_rows(parts: list[SourceRows], dropped: dict[int, str]) -> None:
     """Leave out of the sources' training rows those the data checks dropped (indices into `candidates(parts)`),
     each recorded with its source's skipped rows."""
-    from qlora_pipeline.data.rows import Where
+    from qlora_pipeline.data.checks import leave_out
 
     start = 0
     for part in parts:
         end = start + len(part.train)
-        mine = sorted(i - start for i in dropped if start <= i < end)
-        if mine:
-            rows = column_values(part.train, ROW_COLUMN)
-            part.loaded.skipped += [Where.parse(rows[i]).record(dropped[start + i]) for i in mine]
-            gone = set(mine)
-            part.train = part.train.select([i for i in range(len(part.train)) if i not in gone])
+        mine = {i - start: reason for i, reason in dropped.items() if start <= i < end}
+        part.train = leave_out(part.train, mine, part.loaded)
         start = end
 
 

@@ -191,7 +191,9 @@ class _BadRows:
         return sorted(self.records, key=lambda r: (r["file"], r["line"] or 0, r.get("row") or 0))
 
 
-def _load_local(path: Path, data_args, spec: Columns) -> RowSource:
+def local_files(path: Path) -> tuple[list[Path], str]:
+    """A local dataset's files (the file, or a folder's data files) and their `datasets` builder (json, csv,
+    parquet); a missing path, an empty folder or mixed file types is a DataError naming the path."""
     if not path.exists():
         raise DataError(f"{path}: dataset file not found")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in LOCAL_FORMATS) if path.is_dir() else [path]
@@ -202,7 +204,11 @@ def _load_local(path: Path, data_args, spec: Columns) -> RowSource:
         raise DataError(f"{path}: unsupported file type; use .jsonl, .json, .csv or .parquet")
     if len(kinds) > 1:
         raise DataError(f"{path}: mixes file types {sorted(kinds)}; keep one type per dataset")
-    kind = kinds.pop()
+    return files, kinds.pop()
+
+
+def _load_local(path: Path, data_args, spec: Columns) -> RowSource:
+    files, kind = local_files(path)
     if kind == "parquet":
         return check_dataset(_read_with_datasets(path, kind, files), str(path), data_args, spec)
 

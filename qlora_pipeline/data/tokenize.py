@@ -151,18 +151,19 @@ def tokenize(
     over = over_max_length(
         encoded, lengths, max_length, data_args.overlong, f"{name} examples are over", "{n} tokens", "drop or truncate"
     )
+    by_source = SOURCE_COLUMN in encoded.column_names
+    masks = column_values(encoded, "completion_mask") if by_source or data_args.overlong != "drop" else None
     if data_args.overlong == "drop":
         keep_rows = [i for i, n in enumerate(lengths) if max_length is None or n <= max_length]
     else:
         # A prompt that fills max_length on its own leaves no answer tokens: nothing to learn from it.
-        masks = column_values(encoded, "completion_mask")
         keep_rows = [i for i, m in enumerate(masks) if any(m)]
     kept = encoded.select(keep_rows) if len(keep_rows) != len(encoded) else encoded
-    truncated = sum(column_values(encoded, "truncated"))
-    by_source, example_sources = {}, None
-    if SOURCE_COLUMN in encoded.column_names:
-        by_source = per_source(encoded, lengths, max_length, set(keep_rows))
-        example_sources = column_values(kept, SOURCE_COLUMN)
+    truncated_rows = column_values(encoded, "truncated")
+    truncated = sum(truncated_rows)
+    sources = column_values(encoded, SOURCE_COLUMN) if by_source else None
+    stats = per_source(sources, lengths, truncated_rows, masks, max_length, set(keep_rows)) if by_source else {}
+    example_sources = [sources[i] for i in keep_rows] if by_source else None
     return TokenizedSplit(
         dataset=kept.remove_columns([c for c in ("truncated", ROW_COLUMN, SOURCE_COLUMN) if c in kept.column_names]),
         rows_in=len(dataset),
@@ -171,17 +172,17 @@ def tokenize(
         truncated=truncated - (len(encoded) - len(keep_rows) if data_args.overlong == "truncate" else 0),
         from_cache=from_cache,
         lengths=list(lengths),  # before truncation: the data's own length distribution
-        by_source=by_source,
+        by_source=stats,
         example_sources=example_sources,
     )
 
 
-def per_source(encoded, lengths: list[int], max_length: int | None, kept: set[int]) -> dict[str, dict]:
+def per_source(sources, lengths, truncated_rows, masks, max_length: int | None, kept: set[int]) -> dict[str, dict]:
     """Each source's rows, examples kept, tokens (before truncation), rows over max_length, dropped, truncated, and
-    rows left with no labelled token (a prompt that fills max_length on its own: dropped under truncate)."""
+    rows left with no labelled token (a prompt that fills max_length on its own: dropped under truncate).
+    The arguments are the encoded rows' columns, each read once by the caller."""
     stats: dict[str, dict] = {}
-    masks = column_values(encoded, "completion_mask")
-    columns = zip(column_values(encoded, SOURCE_COLUMN), lengths, column_values(encoded, "truncated"), masks)
+    columns = zip(sources, lengths, truncated_rows, masks)
     for index, (source, n_tokens, truncated, mask) in enumerate(columns):
         entry = stats.setdefault(
             source,

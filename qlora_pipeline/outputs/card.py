@@ -155,7 +155,7 @@ def build_card(
         raise ValueError(f"kind must be 'merged' or 'adapter', got {kind!r}")
     values = recipe.to_dict()
     model_name = recipe.model.model_name_or_path
-    dataset_paths = data_paths(recipe.data)
+    dataset_paths = recipe.data.dataset_paths
     task = recipe.task.task
     pipeline_tag, auto_class, peft_class, trainer = TASK_CARDS[task]
     base = display_name(model_name)
@@ -407,11 +407,6 @@ def _training_rows(values: dict, summary: dict | None) -> list[tuple[str, Any]]:
     return rows
 
 
-def data_paths(data) -> list[str]:
-    """Where the training rows come from: dataset_name, or each mixture source's path."""
-    return [source.path for source in data.sources] if data.dataset_mixture is not None else [data.dataset_name]
-
-
 def _data_lines(recipe: Recipe) -> list[tuple[str, str]]:
     data = recipe.data
     if data.dataset_mixture is not None:
@@ -498,7 +493,7 @@ def _eval_results(recipe: Recipe, summary: dict | None, fidelity: dict | None, k
         return []
     scores = ((fidelity or {}).get("task_metrics") or {}).get("export") if kind == "merged" else None
     scores = scores or ((summary or {}).get("task_metrics") or {}).get("after") or {}
-    dataset = " + ".join(display_name(path) for path in data_paths(recipe.data))
+    dataset = " + ".join(display_name(path) for path in recipe.data.dataset_paths)
     results = []
     for name, value in scores.items():
         subtask, _, metric = name.rpartition("/")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from qlora_pipeline.outputs.card import base_license, base_reference, data_paths, training_method
+from qlora_pipeline.outputs.card import base_license, base_reference, training_method
 from qlora_pipeline.outputs.names import display_name, is_hub_id, scrub
 
 TEMPLATE = Path(__file__).with_name("gguf_card_template.md")
@@ -36,7 +36,7 @@ def build_gguf_card(recipe, report: dict, name: str, prompt_example: str, has_mo
         base_reference=base_reference(recipe),
         method=training_method(recipe),
         template_name=recipe.data.template,
-        dataset=" + ".join(display_name(path) for path in data_paths(recipe.data)),
+        dataset=" + ".join(display_name(path) for path in recipe.data.dataset_paths),
         version=__version__,
         gguf_version=_version("gguf"),
         llama_cpp_version=_version("llama-cpp-python"),

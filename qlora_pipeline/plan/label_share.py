@@ -48,8 +48,7 @@ def estimate_label_share(recipe, rows: int, length: int, cache: dict | None = No
     import numpy as np
 
     data = recipe.data
-    paths = [source.path for source in data.sources] if data.dataset_mixture is not None else [data.dataset_name]
-    for path in paths:
+    for path in data.dataset_paths:
         if not (samples.is_embedded(path) or Path(path).expanduser().exists()):
             raise PipelineError(f"{path} is on the Hub, not downloaded to plan")
     name = data.data_label

@@ -138,6 +138,11 @@ class DataArguments:
         return parse_mixture(self.dataset_mixture, dataclasses.asdict(self), fail)
 
     @property
+    def dataset_paths(self) -> list[str]:
+        """Where the training rows come from: dataset_name, or each mixture source's path."""
+        return [source.path for source in self.sources] if self.dataset_mixture is not None else [self.dataset_name]
+
+    @property
     def data_label(self) -> str:
         """What the training rows are, in a message or a report: dataset_name, or the mixture's source names."""
         if self.dataset_mixture is None:

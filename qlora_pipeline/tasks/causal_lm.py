@@ -63,7 +63,7 @@ class CausalLMTask(Task):
             # 2. Checks: duplicates and train/eval overlap, before anything is drawn or tokenized.
             checks = data_checks.check_train_and_eval(candidates, eval_set, data)
             if parts is None:
-                train_set = _leave_out(train_set, checks.dropped, train_rows)
+                train_set = data_checks.leave_out(train_set, checks.dropped, train_rows)
             else:
                 mixture.drop_rows(parts, checks.dropped)
                 train_set = mixture.mix(parts, data, seed)
@@ -177,15 +177,6 @@ def _load_eval_files(data, files: list[str], columns):
     loaded = [data_mod.load_rows(name, data, columns=columns) for name in files]
     names = _unique_names([short_name(name) for name in files])
     return data_mod.combine_sources(loaded, names, data.max_eval_samples)
-
-
-def _leave_out(train_set, dropped: dict[int, str], owner):
-    """The training rows less those the data checks dropped, each listed with `owner`'s skipped rows."""
-    if not dropped:
-        return train_set
-    rows = data_mod.column_values(train_set, data_mod.ROW_COLUMN)
-    owner.skipped += [data_mod.Where.parse(rows[i]).record(reason) for i, reason in sorted(dropped.items())]
-    return train_set.select([i for i in range(len(train_set)) if i not in dropped])
 
 
 def _skipped_rows_owner(eval_rows, train_rows, parts):
